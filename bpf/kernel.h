@@ -1,0 +1,67 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/* The few kernel types netmon.bpf.c reads, hand-written instead of a multi-megabyte
+ * vmlinux.h dump. preserve_access_index makes every field access a CO-RE relocation,
+ * resolved against the running kernel's BTF at load time; only the fields named here
+ * must exist, at whatever offset the running kernel has them. */
+#ifndef NETMON_KERNEL_H
+#define NETMON_KERNEL_H
+
+#include <linux/types.h>
+#include <linux/bpf.h>
+
+#pragma clang attribute push (__attribute__((preserve_access_index)), apply_to = record)
+
+struct trace_entry {
+	unsigned short type;
+	unsigned char flags;
+	unsigned char preempt_count;
+	int pid;
+};
+
+/* context of syscalls:sys_enter_* / sys_exit_* (same layout as raw_syscalls) */
+struct trace_event_raw_sys_enter {
+	struct trace_entry ent;
+	long id;
+	unsigned long args[6];
+};
+
+struct trace_event_raw_sys_exit {
+	struct trace_entry ent;
+	long id;
+	long ret;
+};
+
+struct inode {
+	unsigned short i_mode;
+};
+
+struct file {
+	struct inode *f_inode;
+	void *private_data;
+};
+
+struct fdtable {
+	unsigned int max_fds;
+	struct file **fd;
+};
+
+struct files_struct {
+	struct fdtable *fdt;
+};
+
+struct task_struct {
+	struct files_struct *files;
+};
+
+struct sock {
+	__u16 sk_protocol; /* a plain u16 since Linux 5.6 */
+};
+
+struct socket {
+	short type;
+	struct sock *sk;
+};
+
+#pragma clang attribute pop
+
+#endif

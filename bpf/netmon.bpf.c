@@ -1,0 +1,190 @@
+// SPDX-License-Identifier: GPL-2.0
+/* netmon capture programs: every connect() of every process.
+ *
+ * sys_enter_connect copies the caller's sockaddr into a per-thread pending slot;
+ * sys_exit_connect turns it and the return value into one netmon_event on the ring
+ * buffer. Wake-ups are batched: a record is submitted without waking the consumer
+ * unless wakeup_bytes are already waiting; the consumer drains on a short timer. */
+#include "kernel.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+#include "netmon.h"
+
+#define AF_UNIX 1
+#define AF_INET 2
+#define AF_INET6 10
+#define S_IFMT 00170000
+#define S_IFSOCK 0140000
+#define SA_MAX 112 /* sizeof(struct sockaddr_un) = 110, rounded up */
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* Set by the loader before load (own section, so it sits at offset 0 of its map). */
+struct netmon_config {
+	__u64 wakeup_bytes; /* wake the consumer once this many bytes wait; 0: every record */
+};
+const volatile struct netmon_config netmon_cfg SEC(".rodata.cfg") = { .wakeup_bytes = 65536 };
+
+struct pending {
+	__u8 sa[SA_MAX];
+	__u32 salen; /* bytes of sa read from the caller (0: unreadable) */
+	__u32 addrlen; /* addrlen the caller passed */
+	__s32 fd;
+	__u32 _pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64); /* pid_tgid */
+	__type(value, struct pending);
+} inflight SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 8 << 20); /* resized by the loader */
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, NETMON_DROP_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} drops SEC(".maps");
+
+/* pending is too large for the 512-byte stack together with the rest: build it here */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pending);
+} scratch SEC(".maps");
+
+static __always_inline void count_drop(__u32 reason)
+{
+	__u64 *v = bpf_map_lookup_elem(&drops, &reason);
+
+	if (v)
+		*v += 1; /* per-CPU slot; the program cannot migrate while it runs */
+}
+
+SEC("tracepoint/syscalls/sys_enter_connect")
+int netmon_connect_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 zero = 0;
+	struct pending *p = bpf_map_lookup_elem(&scratch, &zero);
+	const void *uaddr = (const void *)ctx->args[1];
+	__u64 len = (__u32)ctx->args[2];
+
+	if (!p)
+		return 0;
+	p->fd = ctx->args[0];
+	p->addrlen = len;
+	if (len > SA_MAX)
+		len = SA_MAX;
+	/* clang 14 drops a C-level mask after the clamp and the verifier then sees an
+	 * unbounded length: force it in asm */
+	asm volatile("%0 &= 0x7f" : "+r"(len));
+	p->salen = len;
+	if (len < 2 || bpf_probe_read_user(p->sa, len, uaddr) < 0)
+		p->salen = 0;
+	if (bpf_map_update_elem(&inflight, &id, p, BPF_ANY) < 0)
+		count_drop(NETMON_DROP_INFLIGHT_FULL);
+	return 0;
+}
+
+/* fd -> file -> socket: type and protocol, only if the fd really is a socket */
+static __always_inline void socket_info(int fd, struct netmon_event *e)
+{
+	struct task_struct *t = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(t, files, fdt);
+	struct file **fds;
+	struct file *f = NULL;
+	struct socket *s;
+
+	if (fd < 0 || !fdt || fd >= BPF_CORE_READ(fdt, max_fds))
+		return;
+	fds = BPF_CORE_READ(fdt, fd);
+	if (bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]) < 0 || !f)
+		return;
+	if ((BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
+		return;
+	s = BPF_CORE_READ(f, private_data);
+	if (!s)
+		return;
+	e->sock_type = BPF_CORE_READ(s, type);
+	e->protocol = BPF_CORE_READ(s, sk, sk_protocol);
+}
+
+SEC("tracepoint/syscalls/sys_exit_connect")
+int netmon_connect_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct pending *p = bpf_map_lookup_elem(&inflight, &id);
+	struct netmon_event *e;
+	__u64 ts;
+
+	if (!p) {
+		count_drop(NETMON_DROP_NO_ENTER);
+		return 0;
+	}
+	ts = bpf_ktime_get_boot_ns();
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count_drop(NETMON_DROP_RINGBUF_FULL);
+		bpf_map_delete_elem(&inflight, &id);
+		return 0;
+	}
+	e->ts_ns = ts;
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	e->pid = id >> 32;
+	e->tid = (__u32)id;
+	e->uid = (__u32)bpf_get_current_uid_gid();
+	e->ret = ctx->ret;
+	e->port = 0;
+	e->sock_type = 0;
+	e->protocol = 0;
+	e->flags = 0;
+	e->addr_len = 0;
+	e->_pad = 0;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	__builtin_memset(e->addr, 0, sizeof(e->addr));
+
+	if (p->salen < 2) {
+		e->family = 0;
+		e->flags = NETMON_F_NO_ADDR;
+	} else {
+		e->family = *(__u16 *)p->sa;
+	}
+	if (e->family == AF_INET && p->salen >= 8) {
+		e->port = bpf_ntohs(*(__u16 *)&p->sa[2]);
+		__builtin_memcpy(e->addr, &p->sa[4], 4);
+		e->addr_len = 4;
+	} else if (e->family == AF_INET6 && p->salen >= 24) {
+		e->port = bpf_ntohs(*(__u16 *)&p->sa[2]);
+		__builtin_memcpy(e->addr, &p->sa[8], 16);
+		e->addr_len = 16;
+	} else if (e->family == AF_UNIX) {
+		__u32 n = p->salen - 2;
+
+		if (n > NETMON_ADDR_LEN) {
+			n = NETMON_ADDR_LEN;
+			/* more bytes followed; for a pathname that matters only if the
+			 * kept bytes hold no NUL (user space decides) */
+			if (p->sa[2 + NETMON_ADDR_LEN] != 0 || p->sa[2] == 0)
+				e->flags |= NETMON_F_TRUNCATED;
+		}
+		__builtin_memcpy(e->addr, &p->sa[2], NETMON_ADDR_LEN);
+		e->addr_len = n;
+	}
+	socket_info(p->fd, e);
+
+	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= netmon_cfg.wakeup_bytes)
+		bpf_ringbuf_submit(e, BPF_RB_FORCE_WAKEUP);
+	else
+		bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+	bpf_map_delete_elem(&inflight, &id);
+	return 0;
+}

@@ -1,0 +1,96 @@
+/* Poll loop and libbpf log capture: see consumer.h. */
+#include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include "consumer.h"
+
+uint64_t nm_boot_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_BOOTTIME, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
+}
+
+int nm_poll_loop(struct ring_buffer *rb, struct nm_poll_state *st, int timeout_ms)
+{
+	int err = 0;
+
+	st->last_poll_ns = nm_boot_ns();
+	while (!st->stop) {
+		if (st->paused) {
+			struct timespec d = {0, timeout_ms * 1000000L};
+
+			nanosleep(&d, NULL);
+		} else {
+			err = ring_buffer__poll(rb, timeout_ms);
+			if (err >= 0 || err == -EINTR)
+				err = ring_buffer__consume(rb);
+			if (err < 0 && err != -EINTR)
+				break;
+			err = 0;
+		}
+		st->last_poll_ns = nm_boot_ns();
+	}
+	if (!err && !st->paused)
+		ring_buffer__consume(rb); /* what arrived before detach */
+	st->error = err;
+	return err;
+}
+
+static char log_buf[16384];
+static size_t log_len;
+static int log_keep_debug;
+static pthread_mutex_t log_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int nm_log_print(enum libbpf_print_level level, const char *fmt, va_list ap)
+{
+	char line[1024];
+	int len;
+
+	if (level == LIBBPF_DEBUG && !log_keep_debug)
+		return 0;
+	len = vsnprintf(line, sizeof(line), fmt, ap);
+	if (len < 0)
+		return 0;
+	if ((size_t)len >= sizeof(line))
+		len = sizeof(line) - 1;
+	pthread_mutex_lock(&log_lock);
+	if (log_len + len > sizeof(log_buf)) { /* keep the tail */
+		size_t drop = log_len + len - sizeof(log_buf);
+
+		memmove(log_buf, log_buf + drop, log_len - drop);
+		log_len -= drop;
+	}
+	memcpy(log_buf + log_len, line, len);
+	log_len += len;
+	pthread_mutex_unlock(&log_lock);
+	return len;
+}
+
+void nm_log_install(int keep_debug)
+{
+	log_keep_debug = keep_debug;
+	libbpf_set_print(nm_log_print);
+}
+
+size_t nm_log_tail(char *buf, size_t size)
+{
+	size_t n;
+
+	pthread_mutex_lock(&log_lock);
+	n = log_len < size ? log_len : size;
+	memcpy(buf, log_buf + log_len - n, n);
+	pthread_mutex_unlock(&log_lock);
+	return n;
+}
+
+void nm_log_clear(void)
+{
+	pthread_mutex_lock(&log_lock);
+	log_len = 0;
+	pthread_mutex_unlock(&log_lock);
+}

@@ -1,0 +1,56 @@
+# Only the libbpf calls netmon uses (libbpf >= 1.0: errors come back as NULL/-errno).
+from libc.stdint cimport uint32_t, uint64_t
+
+
+cdef extern from "<bpf/libbpf.h>" nogil:
+    struct bpf_object:
+        pass
+    struct bpf_program:
+        pass
+    struct bpf_map:
+        pass
+    struct bpf_link:
+        pass
+    struct ring_buffer:
+        pass
+    struct bpf_object_open_opts:
+        pass
+    struct ring_buffer_opts:
+        pass
+    ctypedef int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size) noexcept nogil
+
+    const char *libbpf_version_string()
+    int libbpf_num_possible_cpus()
+
+    bpf_object *bpf_object__open_mem(const void *obj_buf, size_t obj_buf_sz,
+                                     const bpf_object_open_opts *opts)
+    int bpf_object__load(bpf_object *obj)
+    void bpf_object__close(bpf_object *obj)
+    bpf_map *bpf_object__find_map_by_name(const bpf_object *obj, const char *name)
+    bpf_program *bpf_object__next_program(const bpf_object *obj, bpf_program *prog)
+
+    const char *bpf_program__name(const bpf_program *prog)
+    int bpf_program__fd(const bpf_program *prog)
+    bpf_link *bpf_program__attach(const bpf_program *prog)
+    int bpf_link__destroy(bpf_link *link)
+
+    int bpf_map__fd(const bpf_map *map)
+    int bpf_map__set_max_entries(bpf_map *map, uint32_t max_entries)
+    const void *bpf_map__initial_value(bpf_map *map, size_t *psize)
+
+    ring_buffer *ring_buffer__new(int map_fd, ring_buffer_sample_fn sample_cb, void *ctx,
+                                  const ring_buffer_opts *opts)
+    int ring_buffer__poll(ring_buffer *rb, int timeout_ms)
+    int ring_buffer__consume(ring_buffer *rb)
+    void ring_buffer__free(ring_buffer *rb)
+
+
+cdef extern from "<bpf/bpf.h>" nogil:
+    int bpf_map_lookup_elem(int fd, const void *key, void *value)
+    int bpf_obj_get_info_by_fd(int bpf_fd, void *info, uint32_t *info_len)
+
+
+cdef extern from "<linux/bpf.h>" nogil:
+    struct bpf_prog_info:
+        uint64_t run_time_ns
+        uint64_t run_cnt

@@ -1,0 +1,70 @@
+/* The event store: a fixed-capacity ring of netmon_event records in C, guarded by one
+ * mutex, overwriting the oldest and counting what it evicted. Every record gets a
+ * sequence number (1, 2, ...); the record with sequence s lives in slot (s-1) % capacity.
+ * Queries run without the GIL and copy out only what matched. */
+#ifndef NETMON_STORE_H
+#define NETMON_STORE_H
+
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <linux/types.h>
+#include "netmon.h"
+
+struct nm_store {
+	pthread_mutex_t lock;
+	struct netmon_event *ring;
+	uint64_t capacity;
+	uint64_t head;      /* sequence number of the newest record; 0 = none yet */
+	uint64_t evicted;   /* records overwritten before anyone could ask for them */
+	uint64_t malformed; /* records of the wrong size, not stored */
+};
+
+/* what a query keeps; a zero field in `mask` means "any" */
+enum {
+	NM_Q_PID = 1 << 0,
+	NM_Q_COMM = 1 << 1,
+	NM_Q_FAMILY = 1 << 2,
+	NM_Q_PROTOCOL = 1 << 3,
+	NM_Q_PORT = 1 << 4,
+	NM_Q_OK = 1 << 5,    /* ret == 0 */
+	NM_Q_ERROR = 1 << 6, /* ret != 0 */
+	NM_Q_RET = 1 << 7,   /* ret == filter.ret */
+};
+
+struct nm_filter {
+	uint32_t mask;
+	uint32_t pid;
+	char comm[NETMON_COMM_LEN]; /* NUL-padded */
+	uint16_t family, protocol, port;
+	int32_t ret;
+	uint64_t since_ns; /* keep ts >= since_ns (boot clock); 0: no bound */
+	uint64_t until_ns; /* keep ts < until_ns; 0: no bound */
+	uint64_t after_seq; /* keep seq > after_seq */
+};
+
+struct nm_hit {
+	uint64_t seq;
+	struct netmon_event ev;
+};
+
+int nm_store_init(struct nm_store *s, uint64_t capacity);
+void nm_store_free(struct nm_store *s);
+/* the ring-buffer callback's whole job; also the test entry point */
+int nm_store_push(struct nm_store *s, const void *data, size_t size);
+void nm_store_counters(struct nm_store *s, uint64_t *head, uint64_t *size, uint64_t *evicted,
+		       uint64_t *malformed, uint64_t *oldest_ts);
+
+/* Matching records in the window. newest != 0: the newest `limit` of them, else the
+ * oldest `limit` (limit 0 = all). Returns a malloc'd array in sequence order (caller
+ * frees) and its length in *n; *matched = all matches, returned or not. out == NULL:
+ * count only. Returns 0 or -ENOMEM. */
+int nm_store_query(struct nm_store *s, const struct nm_filter *f, uint64_t limit, int newest,
+		   struct nm_hit **out, uint64_t *n, uint64_t *matched);
+
+/* For each pid matching f, its newest per_pid records; array in sequence order.
+ * *pids = distinct pids matched, *truncated = some pid had more than per_pid. */
+int nm_store_latest_per_pid(struct nm_store *s, const struct nm_filter *f, uint64_t per_pid,
+			    struct nm_hit **out, uint64_t *n, uint64_t *pids, int *truncated);
+
+#endif

@@ -1,0 +1,132 @@
+"""Event: one connect() attempt, decoded from a store row."""
+from __future__ import annotations
+
+import datetime as _dt
+import errno as _errno
+import socket as _socket
+import time
+from typing import NamedTuple, Optional
+
+AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
+NETMON_F_TRUNCATED = 0x1
+
+SOCKET_TYPES = {1: "STREAM", 2: "DGRAM", 3: "RAW", 4: "RDM", 5: "SEQPACKET", 6: "DCCP",
+                10: "PACKET"}
+PROTOCOLS = {1: "ICMP", 2: "IGMP", 6: "TCP", 17: "UDP", 33: "DCCP", 41: "IPV6", 47: "GRE",
+             58: "ICMPV6", 132: "SCTP", 136: "UDPLITE", 255: "RAW", 262: "MPTCP"}
+PROTOCOL_NUMBERS = {v: k for k, v in PROTOCOLS.items()}
+FAMILIES = {0: "AF_UNSPEC", 1: "AF_UNIX", 2: "AF_INET", 10: "AF_INET6", 16: "AF_NETLINK",
+            17: "AF_PACKET", 40: "AF_VSOCK", 44: "AF_XDP"}
+# a name for well-known destination ports; a hint for humans, never used to decide protocol
+SERVICES = {20: "FTP-DATA", 21: "FTP", 22: "SSH", 23: "TELNET", 25: "SMTP", 53: "DNS",
+            67: "DHCP", 68: "DHCP", 80: "HTTP", 110: "POP3", 123: "NTP", 143: "IMAP",
+            161: "SNMP", 389: "LDAP", 443: "HTTPS", 465: "SMTPS", 514: "SYSLOG",
+            587: "SUBMISSION", 636: "LDAPS", 853: "DNS-over-TLS", 993: "IMAPS", 995: "POP3S",
+            1433: "MSSQL", 1521: "ORACLE", 2049: "NFS", 2181: "ZOOKEEPER", 2379: "ETCD",
+            3306: "MYSQL", 3389: "RDP", 5432: "POSTGRESQL", 5672: "AMQP", 6379: "REDIS",
+            6443: "KUBERNETES-API", 8080: "HTTP-ALT", 8443: "HTTPS-ALT", 9092: "KAFKA",
+            9200: "ELASTICSEARCH", 11211: "MEMCACHED", 27017: "MONGODB"}
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+
+
+_offset = [0, -1 << 62]  # [offset_ns, boot_ns when measured]
+OFFSET_REFRESH_NS = 1_000_000_000
+
+
+def wall_offset_ns() -> int:
+    """CLOCK_REALTIME - CLOCK_BOOTTIME: add to a record's boot-time stamp for UTC.
+    Measured between two boot-clock reads (so it does not jitter by the read's own
+    cost) and refreshed every second, so an NTP step is followed within a second."""
+    b1 = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+    if b1 - _offset[1] < OFFSET_REFRESH_NS:
+        return _offset[0]
+    real = time.clock_gettime_ns(time.CLOCK_REALTIME)
+    b2 = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+    _offset[:] = [real - (b1 + b2) // 2, b1]
+    return _offset[0]
+
+
+def to_datetime(ns: int) -> _dt.datetime:
+    """ns since the epoch -> aware UTC datetime, microsecond resolution (floored)."""
+    return _EPOCH + _dt.timedelta(microseconds=ns // 1000)
+
+
+def rfc3339(ts: _dt.datetime) -> str:
+    return ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _unix_path(addr: bytes, flags: int):
+    """(text, truncated) for a sun_path prefix: '@name' for abstract names."""
+    if addr[:1] == b"\0":
+        return "@" + addr[1:].decode("utf-8", "backslashreplace"), bool(flags & NETMON_F_TRUNCATED)
+    path, nul, _ = addr.partition(b"\0")
+    return path.decode("utf-8", "backslashreplace"), bool(flags & NETMON_F_TRUNCATED) and not nul
+
+
+class Event(NamedTuple):
+    """One connect() attempt, immutable."""
+    seq: int
+    timestamp: _dt.datetime  # UTC, microseconds
+    pid: int
+    tid: int
+    uid: int
+    cgroup_id: int
+    command: str
+    family: int  # AF_* number as the caller gave it
+    destination: Optional[str]  # "1.2.3.4:80", "[::1]:443", "/path", "@abstract"; None if none
+    ip: Optional[str]
+    port: Optional[int]
+    socket_type: Optional[str]  # "STREAM", "DGRAM", ...; None when the fd was not a socket
+    protocol: Optional[str]  # "TCP", "UDP", "UNIX", ...; from the kernel socket
+    return_code: int  # 0 or -errno
+    error: Optional[str]  # errno name, None on success
+    truncated: bool  # a unix path longer than the record holds was cut
+    ts_ns: int  # CLOCK_BOOTTIME ns, as recorded by the kernel
+
+    @classmethod
+    def from_row(cls, row, offset_ns: int) -> "Event":
+        (seq, ts_ns, cgroup_id, pid, tid, uid, ret, family, port, sock_type, proto, flags,
+         comm, addr) = row
+        ip = dest = None
+        out_port = None
+        truncated = False
+        if family == AF_INET and len(addr) == 4:
+            ip = _socket.inet_ntop(_socket.AF_INET, addr)
+            dest, out_port = f"{ip}:{port}", port
+        elif family == AF_INET6 and len(addr) == 16:
+            ip = _socket.inet_ntop(_socket.AF_INET6, addr)
+            dest, out_port = f"[{ip}]:{port}", port
+        elif family == AF_UNIX:
+            dest, truncated = _unix_path(addr, flags)
+        if family == AF_UNIX and sock_type:
+            protocol = "UNIX"
+        elif sock_type:
+            protocol = PROTOCOLS.get(proto, str(proto)) if proto else None
+        else:
+            protocol = None
+        return cls(
+            seq=seq, timestamp=to_datetime(ts_ns + offset_ns), pid=pid, tid=tid, uid=uid,
+            cgroup_id=cgroup_id, command=comm.decode("utf-8", "backslashreplace"),
+            family=family, destination=dest, ip=ip, port=out_port,
+            socket_type=SOCKET_TYPES.get(sock_type, str(sock_type)) if sock_type else None,
+            protocol=protocol, return_code=ret,
+            error=(_errno.errorcode.get(-ret, f"E{-ret}") if ret < 0 else None),
+            truncated=truncated, ts_ns=ts_ns)
+
+    @property
+    def service(self) -> Optional[str]:
+        return SERVICES.get(self.port) if self.port is not None else None
+
+    def to_dict(self) -> dict:
+        """The JSON form served by the API (field names kept from the predecessor)."""
+        ts = rfc3339(self.timestamp)
+        return {
+            "seq": self.seq, "pid": self.pid, "tid": self.tid, "uid": self.uid,
+            "command": self.command, "destination": self.destination,
+            "destination_ip": self.ip, "destination_port": self.port,
+            "address_family": self.family, "protocol": self.protocol,
+            "socket_type": self.socket_type, "service": self.service,
+            "return_code": self.return_code, "error": self.error,
+            "cgroup_id": self.cgroup_id, "truncated": self.truncated,
+            "timestamp": ts, "wall_time": ts,
+        }

@@ -1,0 +1,307 @@
+"""Monitor: the embedding API. Owns the probe, the store and the poll thread."""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import datetime as _dt
+import errno
+import logging
+import os
+import threading
+import time
+from typing import Iterator, List, Optional, Tuple, Union
+
+from . import _core
+from .event import Event, wall_offset_ns
+
+log = logging.getLogger("netmon")
+
+DEFAULT_CAPACITY = 1 << 20
+DEFAULT_RINGBUF_BYTES = 8 << 20
+DEFAULT_WAKEUP_BYTES = 64 << 10  # wake the consumer early once this much waits
+POLL_MS = 10  # otherwise drain every 10 ms: no record waits much longer than that
+STALL_SECONDS = 2.0  # a poll loop silent this long is unhealthy
+TRACEFS = "/sys/kernel/tracing"
+CONNECT_TP = "events/syscalls/sys_enter_connect"
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+
+Since = Union[None, _dt.datetime, _dt.timedelta]
+
+
+class MonitorError(RuntimeError):
+    """netmon cannot capture; the message names the cause and the fix."""
+
+
+def _effective_caps() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def _has_caps() -> bool:
+    caps = _effective_caps()
+    return bool(caps & (1 << CAP_SYS_ADMIN)) or (
+        bool(caps & (1 << CAP_BPF)) and bool(caps & (1 << CAP_PERFMON)))
+
+
+def _ensure_tracefs() -> None:
+    """The syscall tracepoints need tracefs: mount it where libbpf looks if it is not."""
+    for base in ("/sys/kernel/debug/tracing", TRACEFS):
+        if os.path.exists(os.path.join(base, CONNECT_TP)):
+            return
+    if os.path.isdir(TRACEFS) and not os.path.ismount(TRACEFS):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mount(b"tracefs", TRACEFS.encode(), b"tracefs", 0, None) != 0:
+            err = ctypes.get_errno()
+            raise MonitorError(f"tracefs is not mounted and mounting it at {TRACEFS} failed "
+                               f"({os.strerror(err)}); mount it: mount -t tracefs tracefs {TRACEFS}")
+    if not os.path.exists(os.path.join(TRACEFS, CONNECT_TP)):
+        raise MonitorError(f"{TRACEFS}/{CONNECT_TP} does not exist: this kernel lacks syscall "
+                           "tracepoints (CONFIG_FTRACE_SYSCALLS) or tracefs is not mounted there")
+
+
+def preflight() -> None:
+    """Check what loading needs, so the error names the real cause."""
+    if not _has_caps():
+        raise MonitorError("permission denied: netmon needs root, or CAP_BPF and CAP_PERFMON "
+                           "(run with sudo, or: setcap cap_bpf,cap_perfmon+ep on the interpreter)")
+    if not os.path.exists("/sys/kernel/btf/vmlinux"):
+        raise MonitorError("the kernel has no BTF (/sys/kernel/btf/vmlinux missing): netmon's "
+                           "CO-RE programs need a kernel built with CONFIG_DEBUG_INFO_BTF=y")
+    _ensure_tracefs()
+
+
+def _load_error(e: OSError) -> MonitorError:
+    tail = _core.libbpf_log_tail(3000).strip()
+    if e.errno in (errno.EPERM, errno.EACCES):
+        msg = (f"{e.strerror}: {os.strerror(e.errno)}; run netmon as root or with CAP_BPF and "
+               "CAP_PERFMON (a lockdown or seccomp policy can also forbid BPF)")
+    elif e.errno == errno.ENOSYS:
+        msg = "the kernel has no bpf() syscall (CONFIG_BPF_SYSCALL is off): netmon cannot run here"
+    else:
+        msg = (f"{e.strerror}: {os.strerror(e.errno or 0)}; the kernel needs BTF, ring buffers "
+               "(Linux 5.8+) and syscall tracepoints")
+    if tail:
+        msg += "\n--- libbpf/verifier log (tail) ---\n" + tail
+    return MonitorError(msg)
+
+
+def _check_ringbuf(n: int) -> int:
+    page = os.sysconf("SC_PAGE_SIZE")
+    if not isinstance(n, int) or n < page or n & (n - 1) or n > 1 << 30:
+        raise ValueError(f"ringbuf_bytes must be a power of two between {page} and 1 GiB, got {n!r}")
+    return n
+
+
+class Monitor:
+    """Watch every connect() on the host.
+
+    with Monitor() as m:            # loads and attaches the programs, starts polling
+        ...
+        m.events(command="curl", since=timedelta(seconds=60))
+
+    Thread-safe: queries run in C under the store's lock, without the GIL. The kernel
+    detaches the programs when their links' fds close, so even a killed process leaves
+    nothing attached; stop() (or leaving the with-block) detaches at once.
+    """
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY,
+                 ringbuf_bytes: int = DEFAULT_RINGBUF_BYTES, *,
+                 wakeup_bytes: int = DEFAULT_WAKEUP_BYTES, debug: bool = False):
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
+            raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
+        self.capacity = capacity
+        self.ringbuf_bytes = _check_ringbuf(ringbuf_bytes)
+        self.wakeup_bytes = wakeup_bytes
+        self.debug = debug
+        self._store = _core.Store(capacity)
+        self._probe = None
+        self._thread: Optional[threading.Thread] = None
+        self._poll_error = 0
+        self._lock = threading.Lock()
+        self.started_at: Optional[float] = None  # time.monotonic() at start
+
+    # ---- lifecycle ----
+
+    def start(self) -> "Monitor":
+        with self._lock:
+            if self._probe is not None:
+                return self
+            preflight()
+            try:
+                probe = _core.Probe(self._store, self.ringbuf_bytes, self.wakeup_bytes, self.debug)
+            except OSError as e:
+                raise _load_error(e) from None
+            try:
+                probe.attach()
+            except OSError as e:
+                probe.close()
+                raise MonitorError(f"{e.strerror}: {os.strerror(e.errno or 0)}; is tracefs "
+                                   f"mounted at {TRACEFS}?") from None
+            self._probe = probe
+            self._poll_error = 0
+            self._thread = threading.Thread(target=self._poll, name="netmon-poll", daemon=True)
+            self._thread.start()
+            self.started_at = time.monotonic()
+            atexit.register(self.stop)
+            log.debug("attached %s", ", ".join(probe.programs))
+            return self
+
+    def _poll(self) -> None:
+        err = self._probe.run(POLL_MS)
+        if err:
+            self._poll_error = err
+            log.error("poll loop stopped: %s", os.strerror(-err))
+
+    def stop(self) -> None:
+        """Detach everything and stop polling; the store stays queryable."""
+        with self._lock:
+            probe, self._probe = self._probe, None
+            if probe is None:
+                return
+            probe.detach()  # first, so the last records are in the ring when we drain
+            probe.stop()
+            self._thread.join()
+            probe.close()
+            atexit.unregister(self.stop)
+
+    def __enter__(self) -> "Monitor":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._probe is not None
+
+    @property
+    def programs(self) -> List[str]:
+        probe = self._probe
+        return probe.programs if probe is not None else []
+
+    def _pause(self, paused: bool) -> None:
+        """Tests only: stop draining the ring buffer (records pile up, then drop, counted)."""
+        self._probe.pause(paused)
+
+    def inject(self, record: bytes) -> None:
+        """Push one raw netmon_event through the store path the kernel callback uses."""
+        self._store.push_raw(record)
+
+    # ---- queries ----
+
+    @staticmethod
+    def _since_ns(since: Since) -> int:
+        if since is None:
+            return 0
+        if isinstance(since, _dt.timedelta):
+            ns = _core.boot_ns() - since // _dt.timedelta(microseconds=1) * 1000
+        elif isinstance(since, _dt.datetime):
+            if since.tzinfo is None:
+                raise ValueError("since must be timezone-aware")
+            epoch_ns = (since - _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)) \
+                // _dt.timedelta(microseconds=1) * 1000
+            ns = epoch_ns - wall_offset_ns()
+        else:
+            raise TypeError("since must be a datetime or a timedelta")
+        return max(ns, 1)
+
+    @staticmethod
+    def _events(rows) -> List[Event]:
+        off = wall_offset_ns()
+        return [Event.from_row(r, off) for r in rows]
+
+    def events(self, pid: Optional[int] = None, command: Optional[str] = None,
+               since: Since = None, limit: Optional[int] = None, *,
+               after_seq: int = 0, until: Since = None, family: Optional[int] = None,
+               protocol: Optional[int] = None, port: Optional[int] = None,
+               result=None) -> List[Event]:
+        """The newest `limit` (all if None) matching events, oldest first."""
+        rows, _ = self.query(pid=pid, command=command, since=since, until=until, limit=limit,
+                             after_seq=after_seq, family=family, protocol=protocol, port=port,
+                             result=result)
+        return rows
+
+    def query(self, *, pid=None, command=None, since: Since = None, until: Since = None,
+              limit: Optional[int] = None, after_seq: int = 0, newest: bool = True,
+              family=None, protocol=None, port=None, result=None) -> Tuple[List[Event], int]:
+        """(events, matched): like events(), plus how many matched in all.
+        newest=False takes the oldest `limit` after `after_seq` instead (paging)."""
+        rows, matched = self._store.query(
+            pid=pid, comm=command, family=family, protocol=protocol, port=port, result=result,
+            since_ns=self._since_ns(since), until_ns=self._since_ns(until) if until else 0,
+            after_seq=after_seq, limit=limit or 0, newest=newest)
+        return self._events(rows), matched
+
+    def count(self, pid: Optional[int] = None, command: Optional[str] = None,
+              since: Since = None) -> int:
+        return self._store.count(pid=pid, comm=command, since_ns=self._since_ns(since))
+
+    def latest_per_pid(self, limit: int = 100, pid: Optional[int] = None,
+                       since: Since = None) -> Tuple[dict, bool]:
+        """({pid: [its newest `limit` events, oldest first]}, truncated)."""
+        rows, _, truncated = self._store.latest_per_pid(limit, pid=pid,
+                                                         since_ns=self._since_ns(since))
+        out: dict = {}
+        for ev in self._events(rows):
+            out.setdefault(ev.pid, []).append(ev)
+        return out, truncated
+
+    def follow(self, after_seq: Optional[int] = None,
+               timeout: Optional[float] = None) -> Iterator[Event]:
+        """Events newer than after_seq (default: from now on), as they arrive; ends after
+        `timeout` seconds (None: never). Events overwritten before they were read are
+        skipped; compare seq numbers to see the gap."""
+        last = self._store.counters()["last_seq"] if after_seq is None else after_seq
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while deadline is None or time.monotonic() < deadline:
+            rows, _ = self._store.query(after_seq=last, limit=1000, newest=False)
+            if not rows:
+                time.sleep(POLL_MS / 1000)
+                continue
+            for ev in self._events(rows):
+                last = ev.seq
+                yield ev
+
+    def stats(self) -> dict:
+        c = self._store.counters()
+        probe = self._probe
+        drops = probe.drops() if probe is not None else dict.fromkeys(_core.DROP_REASONS, 0)
+        oldest = c["oldest_ts_ns"]
+        return {
+            "captured": c["delivered"] + sum(drops.values()),
+            "delivered": c["delivered"],
+            "dropped": drops,
+            "dropped_total": sum(drops.values()),
+            "evicted": c["evicted"],
+            "malformed": c["malformed"],
+            "size": c["size"],
+            "capacity": self.capacity,
+            "last_seq": c["last_seq"],
+            "oldest_timestamp": (Event.from_row((0, oldest, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b"", b""),
+                                                wall_offset_ns()).timestamp
+                                 if oldest is not None else None),
+            "poll_lag_seconds": self.poll_lag(),
+            "attached": probe is not None,
+            "programs": self.programs,
+            "uptime_seconds": (time.monotonic() - self.started_at) if self.started_at else 0.0,
+        }
+
+    def poll_lag(self) -> Optional[float]:
+        """Seconds since the poll loop last drained the ring; None when not running."""
+        probe = self._probe
+        if probe is None:
+            return None
+        return max(0, _core.boot_ns() - probe.last_poll_ns) / 1e9
+
+    def health(self) -> Tuple[bool, Optional[str]]:
+        if self._probe is None:
+            return False, "the BPF programs are not attached"
+        if self._poll_error or not self._thread.is_alive():
+            return False, f"the poll thread stopped ({os.strerror(-self._poll_error or 0)})"
+        lag = self.poll_lag()
+        if lag > STALL_SECONDS:
+            return False, f"the poll thread has not drained the ring for {lag:.1f} s"
+        return True, None
