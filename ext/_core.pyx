@@ -387,8 +387,8 @@ cdef class Probe:
         return out
 
     def prog_stats(self):
-        """{program: (run_cnt, run_time_ns)} from the kernel; zeros unless
-        kernel.bpf_stats_enabled is set."""
+        """{program: {"id", "run_cnt", "run_time_ns"}} from the kernel; the counts stay
+        zero unless kernel.bpf_stats_enabled is set."""
         cdef bpf.bpf_program *p = NULL
         cdef bpf.bpf_prog_info info
         cdef uint32_t n
@@ -400,7 +400,8 @@ cdef class Probe:
             memset(&info, 0, sizeof(info))
             n = sizeof(info)
             if bpf.bpf_obj_get_info_by_fd(bpf.bpf_program__fd(p), &info, &n) == 0:
-                out[bpf.bpf_program__name(p).decode()] = (info.run_cnt, info.run_time_ns)
+                out[bpf.bpf_program__name(p).decode()] = {
+                    "id": info.id, "run_cnt": info.run_cnt, "run_time_ns": info.run_time_ns}
         return out
 
     def close(self):

@@ -52,5 +52,6 @@ cdef extern from "<bpf/bpf.h>" nogil:
 
 cdef extern from "<linux/bpf.h>" nogil:
     struct bpf_prog_info:
+        uint32_t id
         uint64_t run_time_ns
         uint64_t run_cnt

@@ -182,6 +182,12 @@ class Monitor:
         probe = self._probe
         return probe.programs if probe is not None else []
 
+    def program_stats(self) -> dict:
+        """{program: {"id", "run_cnt", "run_time_ns"}}; the kernel counts runs only while
+        sysctl kernel.bpf_stats_enabled=1."""
+        probe = self._probe
+        return probe.prog_stats() if probe is not None else {}
+
     def _pause(self, paused: bool) -> None:
         """Tests only: stop draining the ring buffer (records pile up, then drop, counted)."""
         self._probe.pause(paused)

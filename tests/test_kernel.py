@@ -1,0 +1,207 @@
+"""Kernel tests: load and attach the real programs, make real connects, check every field."""
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from netmon import Monitor
+
+pytestmark = pytest.mark.bpf
+CONNECTOR = os.path.join(os.path.dirname(__file__), "connector.py")
+
+
+def run_child(comm, ops):
+    out = subprocess.run([sys.executable, CONNECTOR, comm, json.dumps(ops)], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def wait_for(mon, pid, n, timeout=2.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        evs = mon.events(pid=pid)
+        if len(evs) >= n or time.monotonic() > deadline:
+            return evs
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def mon():
+    with Monitor(capacity=65536) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def listeners():
+    tmp = tempfile.mkdtemp()
+    tcp4 = socket.socket()
+    tcp4.bind(("127.0.0.1", 0))
+    tcp4.listen(64)
+    tcp6 = socket.socket(socket.AF_INET6)
+    tcp6.bind(("::1", 0))
+    tcp6.listen(64)
+    path = os.path.join(tmp, "netmon-test.sock")
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(path)
+    unix.listen(64)
+    abstract = socket.socket(socket.AF_UNIX)
+    abstract.bind("\0netmon-test-abstract")
+    abstract.listen(64)
+    closed = socket.socket()  # bound, never listening: connects to it are refused
+    closed.bind(("127.0.0.1", 0))
+    yield {"tcp4": tcp4.getsockname()[1], "tcp6": tcp6.getsockname()[1], "path": path,
+           "abstract": "\0netmon-test-abstract", "closed": closed.getsockname()[1],
+           "missing": os.path.join(tmp, "no-such.sock")}
+    for s in (tcp4, tcp6, unix, abstract, closed):
+        s.close()
+
+
+def test_every_kind_of_connect_every_field(mon, listeners):
+    L = listeners
+    ops = [
+        {"family": "inet", "addr": ["127.0.0.1", L["tcp4"]]},
+        {"family": "inet6", "addr": ["::1", L["tcp6"]]},
+        {"family": "inet", "type": "dgram", "addr": ["127.0.0.1", 53]},
+        {"family": "unix", "addr": L["path"]},
+        {"family": "unix", "addr": L["abstract"]},
+        {"family": "inet", "addr": ["127.0.0.1", L["closed"]]},
+        {"family": "inet", "addr": ["127.0.0.1", L["tcp4"]], "nonblock": True},
+        {"family": "unix", "addr": L["missing"]},
+        {"family": "inet6", "type": "dgram", "addr": ["::1", 443], "thread": True},
+    ]
+    t0 = time.time()
+    child = run_child("nm-kernel-test", ops)
+    pid = child["pid"]
+    evs = wait_for(mon, pid, len(ops))
+    assert len(evs) == len(ops)
+    rets = [r["ret"] for r in child["results"]]
+    assert rets == [0, 0, 0, 0, 0, -errno.ECONNREFUSED, -errno.EINPROGRESS, -errno.ENOENT, 0]
+    expect = [
+        # family, destination, ip, port, socket_type, protocol
+        (2, f"127.0.0.1:{L['tcp4']}", "127.0.0.1", L["tcp4"], "STREAM", "TCP"),
+        (10, f"[::1]:{L['tcp6']}", "::1", L["tcp6"], "STREAM", "TCP"),
+        (2, "127.0.0.1:53", "127.0.0.1", 53, "DGRAM", "UDP"),
+        (1, L["path"], None, None, "STREAM", "UNIX"),
+        (1, "@netmon-test-abstract", None, None, "STREAM", "UNIX"),
+        (2, f"127.0.0.1:{L['closed']}", "127.0.0.1", L["closed"], "STREAM", "TCP"),
+        (2, f"127.0.0.1:{L['tcp4']}", "127.0.0.1", L["tcp4"], "STREAM", "TCP"),
+        (1, L["missing"], None, None, "STREAM", "UNIX"),
+        (10, "[::1]:443", "::1", 443, "DGRAM", "UDP"),
+    ]
+    cgroup_id = os.stat(_my_cgroup_dir()).st_ino if _my_cgroup_dir() else None
+    for ev, res, exp in zip(evs, child["results"], expect):
+        assert (ev.family, ev.destination, ev.ip, ev.port, ev.socket_type, ev.protocol) == exp
+        assert ev.return_code == res["ret"]
+        assert ev.error == (errno.errorcode[-res["ret"]] if res["ret"] else None)
+        assert ev.pid == pid and ev.tid == res["tid"]
+        assert ev.uid == os.getuid()
+        assert ev.command == "nm-kernel-test"
+        assert ev.truncated is False
+        assert t0 - 1 < ev.timestamp.timestamp() < time.time() + 1
+        if cgroup_id is not None:
+            assert ev.cgroup_id == cgroup_id
+    assert evs[-1].tid != pid  # the threaded connect
+    assert [e.seq for e in evs] == sorted(e.seq for e in evs)
+
+
+def _my_cgroup_dir():
+    """This process's cgroup v2 directory (the child inherits it); its inode is the id."""
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            if line.startswith("0::"):
+                rel = line.strip()[3:]
+                for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+                    p = root + rel
+                    if os.path.isdir(p) and os.path.exists(os.path.join(root, "cgroup.procs")):
+                        return p
+    return None
+
+
+def test_long_unix_path_is_truncated_and_flagged(mon):
+    d = tempfile.mkdtemp()
+    path = os.path.join(d, "p" * (100 - len(d)))
+    child = run_child("nm-long-path", [{"family": "unix", "addr": path}])
+    (ev,) = wait_for(mon, child["pid"], 1)
+    assert ev.truncated is True
+    assert ev.destination == path[:64]
+    assert ev.return_code == -errno.ENOENT
+
+
+def test_summary_queries_on_real_events(mon, listeners):
+    child = run_child("nm-count", [{"family": "inet", "type": "dgram",
+                                    "addr": ["127.0.0.1", 9], "repeat": 25}])
+    evs = wait_for(mon, child["pid"], 25)
+    assert len(evs) == 25
+    assert mon.count(pid=child["pid"]) == 25
+    assert mon.count(command="nm-count") >= 25
+    per_pid, truncated = mon.latest_per_pid(limit=10, pid=child["pid"])
+    assert [e.seq for e in per_pid[child["pid"]]] == [e.seq for e in evs[-10:]]
+    assert truncated is True
+
+
+def test_health_and_stats_while_running(mon):
+    ok, reason = mon.health()
+    assert ok, reason
+    st = mon.stats()
+    assert st["attached"] is True
+    assert set(st["programs"]) == {"netmon_connect_enter", "netmon_connect_exit"}
+    assert st["poll_lag_seconds"] < 1.0
+    assert st["captured"] == st["delivered"] + st["dropped_total"]
+
+
+def test_drops_are_counted_exactly():
+    """A one-page ring and a paused consumer: what is not delivered is counted."""
+    n = 300
+    with Monitor(capacity=4096, ringbuf_bytes=os.sysconf("SC_PAGE_SIZE")) as m:
+        time.sleep(0.05)
+        m._pause(True)
+        time.sleep(0.05)  # let a poll in progress finish
+        before = m.stats()["dropped"]["ringbuf_full"]
+        child = run_child("nm-drops", [{"family": "inet", "type": "dgram",
+                                        "addr": ["127.0.0.1", 9], "repeat": n}])
+        m._pause(False)
+        time.sleep(0.1)
+        delivered = m.count(pid=child["pid"])
+        dropped = m.stats()["dropped"]["ringbuf_full"] - before
+    assert dropped > 0 and delivered > 0
+    assert delivered + dropped == n
+
+
+def _bpftool(*args):
+    return json.loads(subprocess.run(["bpftool", "-j", *args], check=True,
+                                     capture_output=True, text=True).stdout or "[]")
+
+
+def test_nothing_left_attached_after_exit():
+    with Monitor(capacity=1024) as m:
+        ids = {s["id"] for s in m.program_stats().values()}
+        assert len(ids) == 2
+        assert ids <= {p["id"] for p in _bpftool("prog", "list")}
+        assert ids <= {link.get("prog_id") for link in _bpftool("link", "list")}
+    assert not ids & {p["id"] for p in _bpftool("prog", "list")}
+    assert not ids & {link.get("prog_id") for link in _bpftool("link", "list")}
+
+
+def test_killed_process_leaves_nothing_attached():
+    """Links are owned by fds: SIGKILL of the owner detaches and frees everything."""
+    code = ("import json, time, netmon\n"
+            "m = netmon.Monitor(capacity=1024).start()\n"
+            "print(json.dumps(sorted(s['id'] for s in m.program_stats().values())), flush=True)\n"
+            "time.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    ids = set(json.loads(p.stdout.readline()))
+    assert ids and ids <= {p["id"] for p in _bpftool("prog", "list")}
+    p.kill()
+    p.wait()
+    deadline = time.monotonic() + 5
+    while ids & {p["id"] for p in _bpftool("prog", "list")} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not ids & {p["id"] for p in _bpftool("prog", "list")}
+    assert not ids & {link.get("prog_id") for link in _bpftool("link", "list")}

@@ -1,0 +1,254 @@
+"""The C store and record decoding, fed synthetic records (no root, no BPF)."""
+import datetime as dt
+import socket
+import threading
+import time
+
+import pytest
+
+from netmon import Event, _core
+from netmon.event import rfc3339, to_datetime, wall_offset_ns
+from netmon.testing import RECORD, record, synthetic_monitor
+
+
+def seqs(events):
+    return [e.seq for e in events]
+
+
+def test_record_layout_matches_extension():
+    assert _core.RECORD_SIZE == RECORD.size == 128
+
+
+def test_sequence_numbers_start_at_one_and_rise():
+    m = synthetic_monitor(8)
+    for port in range(5):
+        m.inject(record(port=port))
+    evs = m.events()
+    assert seqs(evs) == [1, 2, 3, 4, 5]
+    assert [e.port for e in evs] == [0, 1, 2, 3, 4]
+
+
+def test_wraparound_overwrites_oldest_and_counts_evictions():
+    m = synthetic_monitor(4)
+    for port in range(10):
+        m.inject(record(port=port))
+    evs = m.events()
+    assert seqs(evs) == [7, 8, 9, 10]
+    assert [e.port for e in evs] == [6, 7, 8, 9]
+    st = m.stats()
+    assert (st["evicted"], st["size"], st["capacity"], st["delivered"]) == (6, 4, 4, 10)
+
+
+def test_malformed_record_is_counted_not_stored():
+    m = synthetic_monitor(4)
+    m.inject(record()[:100])
+    m.inject(b"")
+    assert m.stats()["malformed"] == 2
+    assert m.events() == []
+
+
+def test_pid_and_comm_filters():
+    m = synthetic_monitor(64)
+    for i in range(12):
+        m.inject(record(pid=100 + i % 3, comm=f"cmd{i % 2}"))
+    assert m.count(pid=101) == 4
+    assert m.count(command="cmd1") == 6
+    assert m.count(pid=101, command="cmd1") == 2  # i = 1, 7
+    assert {e.pid for e in m.events(pid=102)} == {102}
+    assert m.count(command="cmd") == 0  # exact match, not a prefix
+    assert m.count(pid=999) == 0
+
+
+def test_limit_returns_newest_oldest_first():
+    m = synthetic_monitor(64)
+    for i in range(10):
+        m.inject(record(port=i))
+    evs, matched = m.query(limit=3)
+    assert [e.port for e in evs] == [7, 8, 9]
+    assert matched == 10
+
+
+def test_window_boundaries():
+    m = synthetic_monitor(64)
+    for age in (120, 61, 59.5, 30, 1):
+        m.inject(record(age=age, port=int(age)))
+    assert m.count(since=dt.timedelta(seconds=60)) == 3
+    assert [e.port for e in m.events(since=dt.timedelta(seconds=60))] == [59, 30, 1]
+    assert m.count(since=dt.timedelta(seconds=3600)) == 5
+    since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=45)
+    assert [e.port for e in m.events(since=since)] == [30, 1]
+    assert [e.port for e in m.events(until=dt.timedelta(seconds=60))] == [120, 61]
+
+
+def test_window_query_does_not_see_records_outside_it():
+    """Window queries binary-search the ring's rising timestamps and scan only the window.
+    An out-of-order record planted before the window (ring order) but stamped inside it
+    (time) proves it: a full scan would count it, the window query does not."""
+    m = synthetic_monitor(64)
+    now = _core.boot_ns()
+    m.inject(record(ts_ns=now - 5 * 10**9, pid=3))
+    for i in range(10):
+        m.inject(record(ts_ns=now - (100 - i) * 10**9, pid=1))
+    for i in range(10):
+        m.inject(record(ts_ns=now - (10 - i) * 10**9, pid=2))
+    assert m.count(pid=3) == 1
+    assert m.count(since=dt.timedelta(seconds=50)) == 10
+    assert m.count(pid=3, since=dt.timedelta(seconds=50)) == 0
+
+
+def test_latest_per_pid():
+    m = synthetic_monitor(256)
+    for i in range(30):
+        m.inject(record(pid=10 + i % 3, port=i))
+    m.inject(record(pid=99, port=1000))
+    per_pid, truncated = m.latest_per_pid(limit=4)
+    assert truncated is True
+    assert sorted(per_pid) == [10, 11, 12, 99]
+    assert [e.port for e in per_pid[10]] == [18, 21, 24, 27]
+    assert [e.port for e in per_pid[99]] == [1000]
+    only, truncated = m.latest_per_pid(limit=100, pid=11)
+    assert list(only) == [11] and len(only[11]) == 10 and truncated is False
+
+
+def test_after_seq_pages_without_repeat_or_skip_while_evicting():
+    m = synthetic_monitor(16)
+    for i in range(10):
+        m.inject(record(port=i))
+    seen, last = [], 0
+    for round_ in range(6):
+        evs, _ = m.query(after_seq=last, limit=4, newest=False)
+        seen += seqs(evs)
+        last = evs[-1].seq if evs else last
+        for i in range(3):
+            m.inject(record(port=100 + round_ * 3 + i))
+    rest, _ = m.query(after_seq=last, newest=False)
+    seen += seqs(rest)
+    assert seen == list(range(1, 29))
+
+
+def test_after_seq_older_than_store_starts_at_oldest_held():
+    m = synthetic_monitor(4)
+    for i in range(10):
+        m.inject(record(port=i))
+    evs, _ = m.query(after_seq=2, newest=False)
+    assert seqs(evs) == [7, 8, 9, 10]
+
+
+def test_follow_yields_new_events_only():
+    m = synthetic_monitor(64)
+    m.inject(record(port=1))
+
+    def later():
+        time.sleep(0.05)
+        m.inject(record(port=2))
+        m.inject(record(port=3))
+
+    threading.Thread(target=later).start()
+    got = [e.port for e in m.follow(timeout=0.5)]
+    assert got == [2, 3]
+    assert [e.port for e in m.follow(after_seq=0, timeout=0.05)] == [1, 2, 3]
+
+
+def test_concurrent_push_and_query():
+    m = synthetic_monitor(1000)
+    n_threads, per_thread = 4, 5000
+    errors = []
+
+    def push(t):
+        for i in range(per_thread):
+            m.inject(record(pid=t + 1, port=i % 65536))
+
+    def query():
+        try:
+            for _ in range(200):
+                evs = m.events(limit=50)
+                s = seqs(evs)
+                assert s == sorted(s) and len(set(s)) == len(s)
+                for e in evs:  # a torn record would mix fields of two records
+                    assert e.tid == e.pid and e.destination == f"127.0.0.1:{e.port}"
+        except AssertionError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=push, args=(t,)) for t in range(n_threads)]
+    threads += [threading.Thread(target=query) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    st = m.stats()
+    assert st["delivered"] == n_threads * per_thread
+    assert st["evicted"] == n_threads * per_thread - 1000
+    assert sum(m.count(pid=p) for p in range(1, n_threads + 1)) == 1000
+
+
+@pytest.mark.parametrize("kw, expect", [
+    (dict(ip="10.1.2.3", port=443), dict(family=2, destination="10.1.2.3:443", ip="10.1.2.3",
+                                         port=443, protocol="TCP", socket_type="STREAM")),
+    (dict(ip="2001:db8::1", port=53, sock_type=2),
+     dict(family=10, destination="[2001:db8::1]:53", ip="2001:db8::1", port=53,
+          protocol="UDP", socket_type="DGRAM")),
+    (dict(path="/run/app.sock"), dict(family=1, destination="/run/app.sock", ip=None,
+                                      port=None, protocol="UNIX", truncated=False)),
+    (dict(path="@bus"), dict(family=1, destination="@bus", protocol="UNIX")),
+    (dict(path="/" + "x" * 100), dict(destination="/" + "x" * 63, truncated=True)),
+    (dict(ip=None, family=16, sock_type=3, protocol=0),
+     dict(family=16, destination=None, ip=None, port=None, socket_type="RAW", protocol=None)),
+    (dict(ip="127.0.0.1", sock_type=0), dict(socket_type=None, protocol=None)),
+])
+def test_decoding_every_family(kw, expect):
+    m = synthetic_monitor(4)
+    m.inject(record(**kw))
+    (ev,) = m.events()
+    for k, v in expect.items():
+        assert getattr(ev, k) == v, k
+
+
+def test_decoding_identity_and_errors():
+    m = synthetic_monitor(4)
+    m.inject(record(pid=4242, tid=4243, uid=1001, comm="curl", cgroup_id=77, ret=-111))
+    m.inject(record(ret=0, port=443))
+    bad, ok = m.events()
+    assert (bad.pid, bad.tid, bad.uid, bad.command, bad.cgroup_id) == (4242, 4243, 1001, "curl", 77)
+    assert (bad.return_code, bad.error) == (-111, "ECONNREFUSED")
+    assert (ok.return_code, ok.error, ok.service) == (0, None, "HTTPS")
+    d = ok.to_dict()
+    assert d["timestamp"] == d["wall_time"] == rfc3339(ok.timestamp)
+    assert d["destination_port"] == 443 and d["address_family"] == socket.AF_INET
+
+
+def test_wall_clock_conversion():
+    off = wall_offset_ns()
+    real_now = time.time_ns()
+    boot_now = _core.boot_ns()
+    assert abs((boot_now + off) - real_now) < 5_000_000  # same instant within 5 ms
+    m = synthetic_monitor(4)
+    m.inject(record(ts_ns=boot_now))
+    (ev,) = m.events()
+    assert ev.timestamp.tzinfo == dt.timezone.utc
+    assert abs(ev.timestamp.timestamp() - real_now / 1e9) < 0.005
+    assert to_datetime(1_700_000_000_123_456_789) == dt.datetime(
+        2023, 11, 14, 22, 13, 20, 123456, tzinfo=dt.timezone.utc)
+    assert rfc3339(to_datetime(1_700_000_000_123_456_789)) == "2023-11-14T22:13:20.123456Z"
+
+
+def test_event_is_immutable():
+    m = synthetic_monitor(4)
+    m.inject(record())
+    (ev,) = m.events()
+    assert isinstance(ev, Event)
+    with pytest.raises(AttributeError):
+        ev.pid = 1
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        synthetic_monitor(0)
+    with pytest.raises(ValueError):
+        from netmon import Monitor
+        Monitor(capacity=16, ringbuf_bytes=5000)
+    m = synthetic_monitor(4)
+    with pytest.raises(ValueError):
+        m.count(command="x" * 16)
+    with pytest.raises(ValueError):
+        m.count(since=dt.datetime(2026, 1, 1))  # naive
