@@ -1,0 +1,158 @@
+"""The HTTP server: a cheroot WSGI server that netmon owns, binds first and stops cleanly.
+
+Bounded: a fixed worker pool and accept queue, socket timeouts, and limits on header and
+body size. cheroot answers some errors itself, before the app runs (oversize headers,
+malformed requests, a full queue); those answers are JSON too.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import threading
+from typing import Optional, Tuple
+
+import bottle
+from cheroot import errors as cheroot_errors
+from cheroot import server as cheroot_server
+from cheroot import wsgi
+
+from .api import MAX_BODY_BYTES, error_body
+
+log = logging.getLogger("netmon.server")
+
+THREADS = 8
+ACCEPT_QUEUE = 64  # connections waiting for a worker; past this cheroot answers 503
+LISTEN_BACKLOG = 128
+SOCKET_TIMEOUT = 10  # seconds a client may stall mid-request
+SHUTDOWN_TIMEOUT = 3  # seconds in-flight requests get to finish on shutdown
+MAX_HEADER_BYTES = 16 * 1024
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class ServerError(RuntimeError):
+    """The server cannot listen; the message names the cause and the fix."""
+
+
+class _JSONErrorRequest(cheroot_server.HTTPRequest):
+    def simple_response(self, status, msg=""):
+        """cheroot's own error answers, as JSON (it writes text/plain)."""
+        code = int(str(status)[:3])
+        body = error_body(code, msg or bottle.HTTP_CODES.get(code, "")).encode()
+        head = [f"{self.server.protocol} {code} {bottle.HTTP_CODES.get(code, 'Error')}",
+                "Content-Type: application/json", f"Content-Length: {len(body)}"]
+        if code in (413, 414):  # the rest of the request was not read
+            self.close_connection = True
+            head.append("Connection: close")
+        try:
+            self.conn.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        except OSError as e:
+            if e.args[0] not in cheroot_errors.socket_errors_to_ignore:
+                raise
+
+
+class _Connection(cheroot_server.HTTPConnection):
+    RequestHandlerClass = _JSONErrorRequest
+
+
+class _WSGIServer(wsgi.Server):
+    ConnectionClass = _Connection
+    max_request_header_size = MAX_HEADER_BYTES
+    max_request_body_size = MAX_BODY_BYTES  # a backstop: the app answers 413 itself
+    bind_error: Optional[OSError] = None
+
+    def bind(self, family, type, proto=0):
+        try:
+            return super().bind(family, type, proto)
+        except OSError as e:  # cheroot folds it into a message; keep the errno
+            self.bind_error = e
+            raise
+
+    def error_log(self, msg="", level=logging.INFO, traceback=False):
+        log.log(level, "%s", msg, exc_info=traceback)
+
+
+def _bind_error(host: str, port: int, e: Optional[OSError]) -> ServerError:
+    where = f"{host or '*'}:{port}"
+    if e is not None and e.errno == errno.EADDRINUSE:
+        return ServerError(f"cannot listen on {where}: the port is already in use; stop the "
+                           f"other process (ss -ltnp 'sport = :{port}') or pick another port "
+                           "with --addr")
+    if e is not None and e.errno == errno.EACCES:
+        return ServerError(f"cannot listen on {where}: permission denied (ports below 1024 "
+                           "need root or CAP_NET_BIND_SERVICE); pick another port with --addr")
+    if e is not None and e.errno == errno.EADDRNOTAVAIL:
+        return ServerError(f"cannot listen on {where}: no local interface has that address; "
+                           "use 127.0.0.1, [::1] or :PORT with --addr")
+    reason = e.strerror if e is not None and e.strerror else str(e)
+    return ServerError(f"cannot listen on {where}: {reason}; check the host in --addr")
+
+
+class Server:
+    """Serve a WSGI app on host:port from a background thread.
+
+    bind() first (it fails fast on a busy port), then start(); stop() stops accepting,
+    lets in-flight requests finish (up to SHUTDOWN_TIMEOUT) and joins the thread.
+    """
+
+    def __init__(self, app, host: str, port: int, *, threads: int = THREADS):
+        self._httpd = _WSGIServer((host, port), app, numthreads=threads, max=threads,
+                                  request_queue_size=LISTEN_BACKLOG, timeout=SOCKET_TIMEOUT,
+                                  shutdown_timeout=SHUTDOWN_TIMEOUT,
+                                  accepted_queue_size=ACCEPT_QUEUE, server_name="netmon")
+        self._thread: Optional[threading.Thread] = None
+
+    def bind(self) -> None:
+        host, port = self._httpd.bind_addr
+        try:
+            self._httpd.prepare()
+        except OSError:
+            raise _bind_error(host, port, self._httpd.bind_error) from None
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        """(host, port) actually bound: the real port when 0 was asked for."""
+        return self._httpd.bind_addr
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._httpd.serve, name="netmon-http")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._httpd.stop()
+        if self._thread is not None:
+            self._thread.join()
+
+
+class ShutdownSignals:
+    """Catch SIGTERM and SIGINT from entry on; wait() blocks until one arrives.
+
+    The handlers do nothing in Python (no locks in a signal handler); the interpreter's
+    wakeup fd carries the signal number to wait(). Previous handlers come back on exit.
+    """
+
+    def __enter__(self) -> "ShutdownSignals":
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._w, False)
+        self._old = {s: signal.signal(s, lambda *_: None) for s in SHUTDOWN_SIGNALS}
+        self._old_fd = signal.set_wakeup_fd(self._w)
+        return self
+
+    def wait(self) -> signal.Signals:
+        while True:
+            signum = os.read(self._r, 1)[0]
+            if signum in SHUTDOWN_SIGNALS:
+                return signal.Signals(signum)
+
+    def __exit__(self, *exc) -> None:
+        signal.set_wakeup_fd(self._old_fd)
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        os.close(self._r)
+        os.close(self._w)
