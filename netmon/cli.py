@@ -1,0 +1,194 @@
+"""`netmon` / `python -m netmon`: capture connect() calls and serve the HTTP API."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+import threading
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+from . import __version__
+from .api import make_app
+from .monitor import DEFAULT_CAPACITY, DEFAULT_RINGBUF_BYTES, Monitor, MonitorError
+from .server import Server, ServerError, ShutdownSignals
+
+log = logging.getLogger("netmon")
+
+DEFAULT_ADDR = "127.0.0.1:8080"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+EXIT_RUNTIME, EXIT_USAGE = 1, 2
+
+EPILOG = """\
+examples:
+  netmon                          listen on 127.0.0.1:8080
+  netmon --addr :9090             all interfaces, port 9090 (Go-style -addr also works)
+  netmon --addr [::1]:8080        IPv6 loopback
+  netmon --capacity 100000 --debug
+  NETMON_ADDR=127.0.0.1:9000 netmon
+
+  curl -s 127.0.0.1:8080/health
+  curl -s -X POST 127.0.0.1:8080/api/connection-summary -d '{"command": "curl", "duration": 60}'
+  curl -s "127.0.0.1:8080/api/list-connections?limit=10"
+
+Every flag can also come from the environment variable named in its help; a flag wins.
+netmon needs root (or CAP_BPF and CAP_PERFMON) and a kernel with BTF.
+"""
+
+
+class UsageError(Exception):
+    """A bad flag or environment value: exit 2 with one line on stderr."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print the usage and exit
+        raise UsageError(message)
+
+
+def parse_addr(text: str) -> Tuple[str, int]:
+    """'HOST:PORT', '[IPv6]:PORT' or ':PORT' (all interfaces, as Go) -> (host, port).
+    The host '' means all interfaces."""
+    m = re.fullmatch(r"(?:\[([0-9A-Fa-f:.%\w]+)\]|([^:\[\]]*)):([0-9]{1,5})", text)
+    if not m or int(m.group(3)) > 65535:
+        raise argparse.ArgumentTypeError(
+            f"invalid address {text!r}: expected HOST:PORT, [IPv6]:PORT or :PORT "
+            "with a port from 0 to 65535")
+    return m.group(1) or m.group(2), int(m.group(3))
+
+
+def _count(text: str) -> int:
+    if not re.fullmatch(r"[0-9]+", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (use 1 or 0)")
+    return value in ("1", "true", "yes", "on")
+
+
+def _level(text: str) -> str:
+    if text.lower() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
+    return text.lower()
+
+
+# dest -> (environment variable, converter, default) for every flag that has one
+SETTINGS: Dict[str, Tuple[str, Callable, object]] = {
+    "addr": ("NETMON_ADDR", parse_addr, parse_addr(DEFAULT_ADDR)),
+    "capacity": ("NETMON_CAPACITY", _count, DEFAULT_CAPACITY),
+    "ringbuf_size": ("NETMON_RINGBUF_SIZE", _count, DEFAULT_RINGBUF_BYTES),
+    "log_level": ("NETMON_LOG_LEVEL", _level, "info"),
+    "debug": ("NETMON_DEBUG", _bool, False),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="netmon", allow_abbrev=False, epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="Watch every connect() on this host with eBPF and answer "
+                            "questions about them over HTTP.")
+    # defaults stay None so that apply_env() can tell "not given" from a value
+    p.add_argument("--addr", "-addr", type=parse_addr, metavar="HOST:PORT",
+                   help=f"where the API listens (default {DEFAULT_ADDR}; env NETMON_ADDR)")
+    p.add_argument("--capacity", type=_count, metavar="N",
+                   help=f"events kept in memory, oldest overwritten first "
+                        f"(default {DEFAULT_CAPACITY}; env NETMON_CAPACITY)")
+    p.add_argument("--ringbuf-size", type=_count, metavar="BYTES",
+                   help=f"kernel ring buffer size, a power of two "
+                        f"(default {DEFAULT_RINGBUF_BYTES}; env NETMON_RINGBUF_SIZE)")
+    p.add_argument("--log-level", type=_level, metavar="LEVEL",
+                   help=f"one of {', '.join(LOG_LEVELS)} (default info; env NETMON_LOG_LEVEL)")
+    p.add_argument("--debug", action="store_true", default=None,
+                   help="log every captured event and every API request (env NETMON_DEBUG=1)")
+    p.add_argument("--version", action="version", version=f"netmon {__version__}")
+    return p
+
+
+def apply_env(args: argparse.Namespace, environ: Mapping[str, str]) -> argparse.Namespace:
+    """Fill each setting not given as a flag from its NETMON_* variable, else its default."""
+    for dest, (var, convert, default) in SETTINGS.items():
+        if getattr(args, dest) is not None:
+            continue
+        raw = environ.get(var)
+        try:
+            setattr(args, dest, default if raw is None else convert(raw))
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"environment variable {var}: {e}") from None
+    return args
+
+
+def parse_args(argv: Optional[Sequence[str]] = None,
+               environ: Mapping[str, str] = os.environ) -> argparse.Namespace:
+    return apply_env(build_parser().parse_args(argv), environ)
+
+
+def _log_events(monitor: Monitor) -> None:
+    """--debug: log each event, following the store from outside the capture path."""
+    last = monitor.stats()["last_seq"]
+    while monitor.running:
+        for ev in monitor.follow(after_seq=last, timeout=1.0):
+            last = ev.seq
+            log.debug("event seq=%d pid=%d tid=%d uid=%d comm=%r %s %s -> %s: %s", ev.seq,
+                      ev.pid, ev.tid, ev.uid, ev.command, ev.protocol or "-",
+                      ev.socket_type or "-", ev.destination, ev.error or "ok")
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"netmon: error: {message}", file=sys.stderr)
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
+    level = "debug" if args.debug else args.log_level
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(level.upper())
+    host, port = args.addr
+    try:
+        monitor = Monitor(capacity=args.capacity, ringbuf_bytes=args.ringbuf_size)
+    except ValueError as e:
+        return _fail(f"{e} (see netmon --help)", EXIT_USAGE)
+    except MemoryError as e:
+        return _fail(f"{e}; lower --capacity", EXIT_RUNTIME)
+    server = Server(make_app(monitor), host, port)
+    with ShutdownSignals() as signals:
+        try:
+            server.bind()  # before loading BPF, so a busy port fails fast
+        except ServerError as e:
+            return _fail(str(e), EXIT_RUNTIME)
+        try:
+            monitor.start()
+        except MonitorError as e:
+            server.stop()
+            cause, _, detail = str(e).partition("\n")
+            if detail:
+                log.debug("%s", detail)
+                cause += " (--debug shows the verifier log)"
+            return _fail(cause, EXIT_RUNTIME)
+        try:
+            server.start()
+            if level == "debug":
+                threading.Thread(target=_log_events, args=(monitor,), name="netmon-debug",
+                                 daemon=True).start()
+            print(f"netmon {__version__} listening on {server.url}; attached "
+                  f"{', '.join(monitor.programs)}; storing up to {monitor.capacity} events",
+                  flush=True)
+            log.info("%s received, shutting down", signals.wait().name)
+        finally:
+            server.stop()
+            monitor.stop()
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        args = parse_args(argv)
+    except UsageError as e:
+        return _fail(f"{e} (see netmon --help)", EXIT_USAGE)
+    except SystemExit as e:  # --help, --version
+        return e.code
+    return run(args)
+
