@@ -31,6 +31,18 @@ struct trace_event_raw_sys_exit {
 	long ret;
 };
 
+/* context of sock:inet_sock_set_state */
+struct trace_event_raw_inet_sock_set_state {
+	struct trace_entry ent;
+	const void *skaddr;
+	int oldstate;
+	int newstate;
+	__u16 sport;
+	__u16 dport;
+	__u16 family;
+	__u16 protocol;
+};
+
 struct inode {
 	unsigned short i_mode;
 };
@@ -53,8 +65,26 @@ struct task_struct {
 	struct files_struct *files;
 };
 
+struct ns_common {
+	unsigned int inum;
+};
+
+struct net {
+	struct ns_common ns;
+};
+
+typedef struct {
+	struct net *net;
+} possible_net_t;
+
+struct sock_common {
+	possible_net_t skc_net;
+};
+
 struct sock {
+	struct sock_common __sk_common;
 	__u16 sk_protocol; /* a plain u16 since Linux 5.6 */
+	int sk_err;
 };
 
 struct socket {

@@ -3,8 +3,10 @@
  *
  * sys_enter_connect copies the caller's sockaddr into a per-thread pending slot;
  * sys_exit_connect turns it and the return value into one netmon_event on the ring
- * buffer. Wake-ups are batched: a record is submitted without waking the consumer
- * unless wakeup_bytes are already waiting; the consumer drains on a short timer. */
+ * buffer. inet_sock_set_state times each TCP handshake (SYN sent -> established or
+ * closed) and sends its outcome, which the store joins to the connect by socket.
+ * Wake-ups are batched: a record is submitted without waking the consumer unless
+ * wakeup_bytes are already waiting; the consumer drains on a short timer. */
 #include "kernel.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
@@ -17,6 +19,10 @@
 #define S_IFMT 00170000
 #define S_IFSOCK 0140000
 #define SA_MAX 112 /* sizeof(struct sockaddr_un) = 110, rounded up */
+#define IPPROTO_TCP 6
+#define TCP_ESTABLISHED 1
+#define TCP_SYN_SENT 2
+#define EINPROGRESS 115
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -53,6 +59,14 @@ struct {
 	__type(value, __u64);
 } drops SEC(".maps");
 
+/* TCP sockets in SYN_SENT: when the SYN went out */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64); /* struct sock * */
+	__type(value, __u64);
+} syn_sent SEC(".maps");
+
 /* pending is too large for the 512-byte stack together with the rest: build it here */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -67,6 +81,14 @@ static __always_inline void count_drop(__u32 reason)
 
 	if (v)
 		*v += 1; /* per-CPU slot; the program cannot migrate while it runs */
+}
+
+static __always_inline void submit(struct netmon_event *e)
+{
+	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= netmon_cfg.wakeup_bytes)
+		bpf_ringbuf_submit(e, BPF_RB_FORCE_WAKEUP);
+	else
+		bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
 SEC("tracepoint/syscalls/sys_enter_connect")
@@ -95,7 +117,8 @@ int netmon_connect_enter(struct trace_event_raw_sys_enter *ctx)
 	return 0;
 }
 
-/* fd -> file -> socket: type and protocol, only if the fd really is a socket */
+/* fd -> file -> socket: type, protocol, socket id and netns, only if the fd really is
+ * a socket */
 static __always_inline void socket_info(int fd, struct netmon_event *e)
 {
 	struct task_struct *t = (struct task_struct *)bpf_get_current_task();
@@ -103,6 +126,7 @@ static __always_inline void socket_info(int fd, struct netmon_event *e)
 	struct file **fds;
 	struct file *f = NULL;
 	struct socket *s;
+	struct sock *sk;
 
 	if (fd < 0 || !fdt || fd >= BPF_CORE_READ(fdt, max_fds))
 		return;
@@ -114,8 +138,13 @@ static __always_inline void socket_info(int fd, struct netmon_event *e)
 	s = BPF_CORE_READ(f, private_data);
 	if (!s)
 		return;
+	sk = BPF_CORE_READ(s, sk);
 	e->sock_type = BPF_CORE_READ(s, type);
-	e->protocol = BPF_CORE_READ(s, sk, sk_protocol);
+	if (!sk)
+		return;
+	e->sock_id = (__u64)sk;
+	e->protocol = BPF_CORE_READ(sk, sk_protocol);
+	e->net_ns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
 }
 
 SEC("tracepoint/syscalls/sys_exit_connect")
@@ -143,12 +172,18 @@ int netmon_connect_exit(struct trace_event_raw_sys_exit *ctx)
 	e->tid = (__u32)id;
 	e->uid = (__u32)bpf_get_current_uid_gid();
 	e->ret = ctx->ret;
+	e->sock_id = 0;
+	e->net_ns = 0;
+	e->latency_us = 0;
+	e->packets = 0;
 	e->port = 0;
 	e->sock_type = 0;
 	e->protocol = 0;
 	e->flags = 0;
+	e->kind = NETMON_KIND_CONNECT;
+	e->backend = NETMON_BACKEND_SYSCALL;
+	e->outcome = NETMON_OUTCOME_NONE;
 	e->addr_len = 0;
-	e->_pad = 0;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 	__builtin_memset(e->addr, 0, sizeof(e->addr));
 
@@ -180,11 +215,53 @@ int netmon_connect_exit(struct trace_event_raw_sys_exit *ctx)
 		e->addr_len = n;
 	}
 	socket_info(p->fd, e);
-
-	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= netmon_cfg.wakeup_bytes)
-		bpf_ringbuf_submit(e, BPF_RB_FORCE_WAKEUP);
-	else
-		bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+	if (e->protocol == IPPROTO_TCP && e->sock_type) /* the handshake as connect() saw it */
+		e->outcome = e->ret == 0 ? NETMON_OUTCOME_ESTABLISHED :
+			     e->ret == -EINPROGRESS ? NETMON_OUTCOME_PENDING : NETMON_OUTCOME_FAILED;
+	submit(e);
 	bpf_map_delete_elem(&inflight, &id);
+	return 0;
+}
+
+SEC("tracepoint/sock/inet_sock_set_state")
+int netmon_tcp_state(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	__u64 sk = (__u64)ctx->skaddr, now, *sent;
+	int newstate = ctx->newstate;
+	struct netmon_event *e;
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return 0;
+	if (newstate == TCP_SYN_SENT) {
+		now = bpf_ktime_get_boot_ns();
+		bpf_map_update_elem(&syn_sent, &sk, &now, BPF_ANY);
+		return 0;
+	}
+	if (ctx->oldstate != TCP_SYN_SENT)
+		return 0;
+	sent = bpf_map_lookup_elem(&syn_sent, &sk);
+	if (!sent)
+		return 0; /* the SYN went out before we attached */
+	now = bpf_ktime_get_boot_ns();
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count_drop(NETMON_DROP_OUTCOME);
+		bpf_map_delete_elem(&syn_sent, &sk);
+		return 0;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ts_ns = now;
+	e->sock_id = sk;
+	e->latency_us = (now - *sent) / 1000 ?: 1;
+	e->kind = NETMON_KIND_TCP_OUTCOME;
+	e->protocol = IPPROTO_TCP;
+	if (newstate == TCP_ESTABLISHED) {
+		e->outcome = NETMON_OUTCOME_ESTABLISHED;
+	} else {
+		e->outcome = NETMON_OUTCOME_FAILED;
+		e->ret = -BPF_CORE_READ((struct sock *)sk, sk_err);
+	}
+	submit(e);
+	bpf_map_delete_elem(&syn_sent, &sk);
 	return 0;
 }

@@ -1,39 +1,68 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /* The one record shared by the BPF programs (netmon.bpf.c) and the extension (ext/).
- * No includes: the includer provides __u8..__u64 (vmlinux types in BPF, <linux/types.h>
- * in user space). Fixed-width fields, largest first, explicit padding. */
+ * No includes: the includer provides __u8..__u64 (<linux/types.h> on both sides).
+ * Fixed-width fields, largest first, explicit padding; 128 bytes. */
 #ifndef NETMON_H
 #define NETMON_H
 
 #define NETMON_COMM_LEN 16
-#define NETMON_ADDR_LEN 64 /* inet: 4/16 address bytes; unix: the first 64 path bytes */
+#define NETMON_ADDR_LEN 48 /* inet: 4/16 address bytes; unix: the first 48 path bytes */
 
 /* flags */
-#define NETMON_F_TRUNCATED 0x1 /* unix path longer than NETMON_ADDR_LEN: cut */
+#define NETMON_F_TRUNCATED 0x1 /* unix: more path bytes followed the kept ones (for a
+				  pathname, only if the kept bytes hold no NUL) */
 #define NETMON_F_NO_ADDR   0x2 /* the sockaddr could not be read from user memory */
+#define NETMON_F_NO_RESULT 0x4 /* the hook cannot know the result: ret is meaningless */
+
+enum netmon_kind {
+	NETMON_KIND_CONNECT = 1,     /* a connect() attempt */
+	NETMON_KIND_UDP_SEND = 2,    /* unconnected UDP datagrams to one destination */
+	NETMON_KIND_TCP_OUTCOME = 3, /* how the handshake of socket sock_id ended: an update
+					to that connect event, not an event of its own */
+};
+
+enum netmon_backend {
+	NETMON_BACKEND_SYSCALL = 1, /* syscalls:sys_{enter,exit}_connect tracepoints */
+	NETMON_BACKEND_CGROUP = 2,  /* cgroup/connect{4,6,_unix} hooks on the cgroup v2 root */
+};
+
+enum netmon_outcome {
+	NETMON_OUTCOME_NONE = 0,        /* not TCP, or not known by this hook */
+	NETMON_OUTCOME_PENDING = 1,     /* handshake still running */
+	NETMON_OUTCOME_ESTABLISHED = 2,
+	NETMON_OUTCOME_FAILED = 3,      /* ret / the outcome record's ret says why */
+};
 
 /* per-CPU counters of records the kernel could not deliver */
 enum netmon_drop {
 	NETMON_DROP_RINGBUF_FULL = 0, /* bpf_ringbuf_reserve() failed */
 	NETMON_DROP_INFLIGHT_FULL = 1, /* enter could not store its pending sockaddr */
 	NETMON_DROP_NO_ENTER = 2, /* exit without a matching enter */
-	NETMON_DROP_MAX = 3,
+	NETMON_DROP_OUTCOME = 3, /* a TCP outcome found the ring full (its event stays pending) */
+	NETMON_DROP_MAX = 4,
 };
 
 struct netmon_event {
-	__u64 ts_ns;      /* bpf_ktime_get_boot_ns() at syscall exit */
+	__u64 ts_ns;      /* bpf_ktime_get_boot_ns(): syscall exit / hook / state change */
 	__u64 cgroup_id;  /* cgroup v2 id of the caller */
+	__u64 sock_id;    /* kernel address of the struct sock: joins a TCP outcome to its
+			     connect; 0 if unknown */
 	__u32 pid;        /* tgid */
 	__u32 tid;
 	__u32 uid;
-	__s32 ret;        /* connect() return value: 0 or -errno */
+	__s32 ret;        /* connect() return value: 0 or -errno (outcome: 0 or -sk_err) */
+	__u32 net_ns;     /* network namespace inode number; 0 if unknown */
+	__u32 latency_us; /* TCP outcome: SYN sent -> established/failed */
+	__u32 packets;    /* udp_send: datagrams in this record's second */
 	__u16 family;     /* sa_family as given by the caller */
 	__u16 port;       /* host byte order (inet/inet6) */
-	__u16 sock_type;  /* SOCK_STREAM=1, SOCK_DGRAM=2, SOCK_RAW=3, SOCK_SEQPACKET=5; 0 unknown */
 	__u16 protocol;   /* sk->sk_protocol: IPPROTO_TCP=6, IPPROTO_UDP=17, ... */
-	__u16 flags;      /* NETMON_F_* */
-	__u16 addr_len;   /* bytes of addr used (unix: path bytes kept) */
-	__u32 _pad;
+	__u8 sock_type;   /* SOCK_STREAM=1, SOCK_DGRAM=2, SOCK_RAW=3, SOCK_SEQPACKET=5; 0 unknown */
+	__u8 flags;       /* NETMON_F_* */
+	__u8 kind;        /* enum netmon_kind */
+	__u8 backend;     /* enum netmon_backend */
+	__u8 outcome;     /* enum netmon_outcome */
+	__u8 addr_len;    /* bytes of addr used */
 	char comm[NETMON_COMM_LEN];
 	__u8 addr[NETMON_ADDR_LEN];
 };

@@ -25,14 +25,20 @@ cdef extern from "netmon.h":
         uint32_t tid
         uint32_t uid
         int32_t ret
+        uint32_t net_ns
+        uint32_t latency_us
+        uint32_t packets
         uint16_t family
         uint16_t port
-        uint16_t sock_type
         uint16_t protocol
-        uint16_t flags
-        uint16_t addr_len
+        uint8_t sock_type
+        uint8_t flags
+        uint8_t kind
+        uint8_t backend
+        uint8_t outcome
+        uint8_t addr_len
         char comm[16]
-        uint8_t addr[64]
+        uint8_t addr[48]
 
 
 cdef extern from "store.h" nogil:
@@ -47,6 +53,8 @@ cdef extern from "store.h" nogil:
         NM_Q_OK
         NM_Q_ERROR
         NM_Q_RET
+        NM_Q_DEST
+        NM_Q_KIND
     struct nm_filter:
         uint32_t mask
         uint32_t pid
@@ -54,6 +62,10 @@ cdef extern from "store.h" nogil:
         uint16_t family
         uint16_t protocol
         uint16_t port
+        uint8_t kind
+        uint8_t dest_family
+        uint8_t dest_len
+        uint8_t dest[48]
         int32_t ret
         uint64_t since_ns
         uint64_t until_ns
@@ -61,15 +73,21 @@ cdef extern from "store.h" nogil:
     struct nm_hit:
         uint64_t seq
         netmon_event ev
+    struct nm_top:
+        uint64_t count
+        uint64_t failed
+        netmon_event rep
     int nm_store_init(nm_store *s, uint64_t capacity)
     void nm_store_free(nm_store *s)
     int nm_store_push(nm_store *s, const void *data, size_t size)
     void nm_store_counters(nm_store *s, uint64_t *head, uint64_t *size, uint64_t *evicted,
-                           uint64_t *malformed, uint64_t *oldest_ts)
+                           uint64_t *malformed, uint64_t *unmatched, uint64_t *oldest_ts)
     int nm_store_query(nm_store *s, const nm_filter *f, uint64_t limit, int newest,
                        nm_hit **out, uint64_t *n, uint64_t *matched)
     int nm_store_latest_per_pid(nm_store *s, const nm_filter *f, uint64_t per_pid,
                                 nm_hit **out, uint64_t *n, uint64_t *pids, int *truncated)
+    int nm_store_top(nm_store *s, const nm_filter *f, int by, uint64_t limit, nm_top **out,
+                     uint64_t *n, uint64_t *groups, uint64_t *matched)
 
 
 cdef extern from "consumer.h" nogil:
@@ -103,7 +121,8 @@ __version__ = NETMON_VERSION.decode()
 RECORD_SIZE = sizeof(netmon_event)
 COMM_LEN = NETMON_COMM_LEN
 ADDR_LEN = NETMON_ADDR_LEN
-DROP_REASONS = ("ringbuf_full", "inflight_full", "no_enter")
+DROP_REASONS = ("ringbuf_full", "inflight_full", "no_enter", "outcome_ringbuf_full")
+TOP_BY = ("destination", "command", "pid", "port", "error")
 assert len(DROP_REASONS) == NETMON_DROP_MAX
 
 
@@ -129,29 +148,29 @@ def libbpf_log_tail(size_t size=4096):
         free(buf)
 
 
-cdef tuple _row(nm_hit *h):
-    cdef netmon_event *e = &h.ev
+cdef tuple _row(uint64_t seq, netmon_event *e):
     cdef size_t comm_len = 0
     while comm_len < NETMON_COMM_LEN and e.comm[comm_len] != 0:
         comm_len += 1
-    return (h.seq, e.ts_ns, e.cgroup_id, e.pid, e.tid, e.uid, e.ret, e.family, e.port,
+    return (seq, e.ts_ns, e.cgroup_id, e.pid, e.tid, e.uid, e.ret, e.family, e.port,
             e.sock_type, e.protocol, e.flags,
             PyBytes_FromStringAndSize(e.comm, comm_len),
-            PyBytes_FromStringAndSize(<char *>e.addr, min(e.addr_len, NETMON_ADDR_LEN)))
+            PyBytes_FromStringAndSize(<char *>e.addr, min(e.addr_len, NETMON_ADDR_LEN)),
+            e.kind, e.backend, e.outcome, e.net_ns, e.latency_us, e.packets)
 
 
 cdef list _rows(nm_hit *hits, uint64_t n):
     cdef uint64_t i
     cdef list out = []
     for i in range(n):
-        out.append(_row(&hits[i]))
+        out.append(_row(hits[i].seq, &hits[i].ev))
     return out
 
 
 cdef class Store:
     """Fixed-capacity ring of records; see ext/store.h. Rows are tuples:
     (seq, ts_ns, cgroup_id, pid, tid, uid, ret, family, port, sock_type, protocol, flags,
-    comm bytes, addr bytes)."""
+    comm bytes, addr bytes, kind, backend, outcome, net_ns, latency_us, packets)."""
     cdef nm_store s
     cdef readonly uint64_t capacity
 
@@ -174,15 +193,21 @@ cdef class Store:
         return &self.s
 
     def counters(self):
-        cdef uint64_t head, size, evicted, malformed, oldest
+        cdef uint64_t head, size, evicted, malformed, unmatched, oldest
         with nogil:
-            nm_store_counters(&self.s, &head, &size, &evicted, &malformed, &oldest)
+            nm_store_counters(&self.s, &head, &size, &evicted, &malformed, &unmatched, &oldest)
         return {"delivered": head, "size": size, "evicted": evicted, "malformed": malformed,
-                "oldest_ts_ns": oldest if size else None, "last_seq": head}
+                "outcomes_unmatched": unmatched, "oldest_ts_ns": oldest if size else None,
+                "last_seq": head}
 
-    cdef int _filter(self, nm_filter *f, pid, comm, family, protocol, port, result,
-                     uint64_t since_ns, uint64_t until_ns, uint64_t after_seq) except -1:
+    cdef int _filter(self, nm_filter *f, dict q) except -1:
+        """q: pid, comm, kind, family, protocol, port, result ("ok", "error" or a return
+        code), dest ((family, address bytes, prefix: bits for inet, bytes for unix)),
+        since_ns, until_ns, after_seq; None or absent = any."""
         memset(f, 0, sizeof(nm_filter))
+        pid, comm, family = q.get("pid"), q.get("comm"), q.get("family")
+        protocol, port, result = q.get("protocol"), q.get("port"), q.get("result")
+        kind, dest = q.get("kind"), q.get("dest")
         if pid is not None:
             f.mask |= NM_Q_PID
             f.pid = pid
@@ -192,6 +217,17 @@ cdef class Store:
                 raise ValueError("comm longer than 15 bytes can never match")
             f.mask |= NM_Q_COMM
             memcpy(f.comm, <char *>c, len(c))
+        if kind is not None:
+            f.mask |= NM_Q_KIND
+            f.kind = kind
+        if dest is not None:
+            dfam, daddr, dlen = dest
+            if len(daddr) > NETMON_ADDR_LEN:
+                raise ValueError("dest longer than a record holds")
+            f.mask |= NM_Q_DEST
+            f.dest_family = dfam
+            f.dest_len = dlen
+            memcpy(f.dest, <char *>daddr, len(daddr))
         if family is not None:
             f.mask |= NM_Q_FAMILY
             f.family = family
@@ -208,21 +244,19 @@ cdef class Store:
         elif result is not None:
             f.mask |= NM_Q_RET
             f.ret = result
-        f.since_ns = since_ns
-        f.until_ns = until_ns
-        f.after_seq = after_seq
+        f.since_ns = q.get("since_ns") or 0
+        f.until_ns = q.get("until_ns") or 0
+        f.after_seq = q.get("after_seq") or 0
         return 0
 
-    def query(self, *, pid=None, comm=None, family=None, protocol=None, port=None,
-              result=None, uint64_t since_ns=0, uint64_t until_ns=0, uint64_t after_seq=0,
-              uint64_t limit=0, bint newest=True):
-        """(rows, matched): the newest (or oldest) `limit` matching rows, in sequence
-        order, and how many matched in all. result: None, "ok", "error" or a return code."""
+    def query(self, uint64_t limit=0, bint newest=True, **q):
+        """(rows, matched): the newest (or oldest) `limit` (0: all) rows matching q (see
+        _filter), in sequence order, and how many matched in all."""
         cdef nm_filter f
         cdef nm_hit *hits = NULL
         cdef uint64_t n = 0, matched = 0
         cdef int err
-        self._filter(&f, pid, comm, family, protocol, port, result, since_ns, until_ns, after_seq)
+        self._filter(&f, q)
         with nogil:
             err = nm_store_query(&self.s, &f, limit, newest, &hits, &n, &matched)
         if err:
@@ -232,22 +266,21 @@ cdef class Store:
         finally:
             free(hits)
 
-    def count(self, *, pid=None, comm=None, family=None, protocol=None, port=None,
-              result=None, uint64_t since_ns=0, uint64_t until_ns=0, uint64_t after_seq=0):
+    def count(self, **q):
         cdef nm_filter f
         cdef uint64_t matched = 0
-        self._filter(&f, pid, comm, family, protocol, port, result, since_ns, until_ns, after_seq)
+        self._filter(&f, q)
         with nogil:
             nm_store_query(&self.s, &f, 0, 1, NULL, NULL, &matched)
         return matched
 
-    def latest_per_pid(self, uint64_t per_pid, *, pid=None, uint64_t since_ns=0):
+    def latest_per_pid(self, uint64_t per_pid, **q):
         """(rows, pids, truncated): each pid's newest `per_pid` rows, in sequence order."""
         cdef nm_filter f
         cdef nm_hit *hits = NULL
         cdef uint64_t n = 0, pids = 0
         cdef int truncated = 0, err
-        self._filter(&f, pid, None, None, None, None, None, since_ns, 0, 0)
+        self._filter(&f, q)
         with nogil:
             err = nm_store_latest_per_pid(&self.s, &f, per_pid, &hits, &n, &pids, &truncated)
         if err:
@@ -256,6 +289,24 @@ cdef class Store:
             return _rows(hits, n), pids, bool(truncated)
         finally:
             free(hits)
+
+    def top(self, str by, uint64_t limit, **q):
+        """([(row of the group's newest event, count, failed)], groups, matched), largest
+        group first; by is one of TOP_BY."""
+        cdef nm_filter f
+        cdef nm_top *tops = NULL
+        cdef uint64_t n = 0, groups = 0, matched = 0, i
+        cdef int err, by_i = TOP_BY.index(by)
+        self._filter(&f, q)
+        with nogil:
+            err = nm_store_top(&self.s, &f, by_i, limit, &tops, &n, &groups, &matched)
+        if err:
+            raise MemoryError()
+        try:
+            return [(_row(0, &tops[i].rep), tops[i].count, tops[i].failed)
+                    for i in range(n)], groups, matched
+        finally:
+            free(tops)
 
 
 cdef int _on_record(void *ctx, void *data, size_t size) noexcept nogil:

@@ -11,8 +11,15 @@ int nm_store_init(struct nm_store *s, uint64_t capacity)
 		return -EINVAL;
 	/* calloc'd pages are only touched (and counted in RSS) as the ring fills */
 	s->ring = calloc(capacity, sizeof(*s->ring));
-	if (!s->ring)
+	s->waiting = calloc(NM_JOIN_SLOTS, sizeof(*s->waiting));
+	s->early = calloc(NM_JOIN_SLOTS, sizeof(*s->early));
+	if (!s->ring || !s->waiting || !s->early) {
+		free(s->ring);
+		free(s->waiting);
+		free(s->early);
+		s->ring = NULL;
 		return -ENOMEM;
+	}
 	s->capacity = capacity;
 	pthread_mutex_init(&s->lock, NULL);
 	return 0;
@@ -24,19 +31,91 @@ void nm_store_free(struct nm_store *s)
 		return;
 	pthread_mutex_destroy(&s->lock);
 	free(s->ring);
+	free(s->waiting);
+	free(s->early);
 	s->ring = NULL;
+}
+
+static inline uint64_t held(const struct nm_store *s)
+{
+	return s->head < s->capacity ? s->head : s->capacity;
+}
+
+static inline uint64_t join_slot(uint64_t sock_id)
+{
+	return ((sock_id >> 4) * 0x9E3779B97F4A7C15ull >> 32) & (NM_JOIN_SLOTS - 1);
+}
+
+static void apply_outcome(struct netmon_event *e, const struct netmon_event *o)
+{
+	e->outcome = o->outcome;
+	e->latency_us = o->latency_us;
+	if (e->flags & NETMON_F_NO_RESULT) { /* the hook could not know: the outcome can */
+		e->ret = o->ret;
+		e->flags &= ~NETMON_F_NO_RESULT;
+	}
+}
+
+/* caller holds the lock */
+static void push_outcome(struct nm_store *s, const struct netmon_event *o)
+{
+	struct nm_join *w = &s->waiting[join_slot(o->sock_id)];
+	struct netmon_event *early;
+
+	if (w->sock_id == o->sock_id && w->seq + held(s) > s->head) {
+		struct netmon_event *e = &s->ring[(w->seq - 1) % s->capacity];
+
+		if (e->sock_id == o->sock_id) {
+			apply_outcome(e, o);
+			w->sock_id = 0;
+			return;
+		}
+	}
+	/* the connect event is not here yet (a blocking connect's record comes at
+	 * syscall exit, after its handshake): keep the outcome for it */
+	early = &s->early[join_slot(o->sock_id)];
+	if (early->sock_id)
+		s->unmatched++;
+	*early = *o;
+}
+
+/* caller holds the lock; e is the stored copy with sequence seq */
+static void join_connect(struct nm_store *s, struct netmon_event *e, uint64_t seq)
+{
+	struct netmon_event *early = &s->early[join_slot(e->sock_id)];
+	struct nm_join *w;
+
+	if (early->sock_id == e->sock_id) {
+		apply_outcome(e, early);
+		early->sock_id = 0;
+		return;
+	}
+	w = &s->waiting[join_slot(e->sock_id)];
+	w->sock_id = e->sock_id;
+	w->seq = seq;
 }
 
 int nm_store_push(struct nm_store *s, const void *data, size_t size)
 {
+	const struct netmon_event *in = data;
+
 	pthread_mutex_lock(&s->lock);
 	if (size != sizeof(struct netmon_event)) {
 		s->malformed++;
+	} else if (in->kind == NETMON_KIND_TCP_OUTCOME) {
+		if (in->sock_id)
+			push_outcome(s, in);
+		else
+			s->unmatched++;
 	} else {
+		struct netmon_event *e = &s->ring[s->head % s->capacity];
+
 		if (s->head >= s->capacity)
 			s->evicted++;
-		memcpy(&s->ring[s->head % s->capacity], data, sizeof(struct netmon_event));
+		memcpy(e, in, sizeof(*e));
 		s->head++;
+		if (e->sock_id && e->protocol == 6 /* IPPROTO_TCP */ && e->kind == NETMON_KIND_CONNECT)
+			join_connect(s, e, s->head);
 	}
 	pthread_mutex_unlock(&s->lock);
 	return 0;
@@ -48,19 +127,15 @@ static inline const struct netmon_event *at(const struct nm_store *s, uint64_t f
 	return &s->ring[(first_seq - 1 + i) % s->capacity];
 }
 
-static inline uint64_t held(const struct nm_store *s)
-{
-	return s->head < s->capacity ? s->head : s->capacity;
-}
-
 void nm_store_counters(struct nm_store *s, uint64_t *head, uint64_t *size, uint64_t *evicted,
-		       uint64_t *malformed, uint64_t *oldest_ts)
+		       uint64_t *malformed, uint64_t *unmatched, uint64_t *oldest_ts)
 {
 	pthread_mutex_lock(&s->lock);
 	*head = s->head;
 	*size = held(s);
 	*evicted = s->evicted;
 	*malformed = s->malformed;
+	*unmatched = s->unmatched;
 	*oldest_ts = *size ? at(s, s->head - *size + 1, 0)->ts_ns : 0;
 	pthread_mutex_unlock(&s->lock);
 }
@@ -100,13 +175,40 @@ static void window(const struct nm_store *s, const struct nm_filter *f, uint64_t
 		*hi = *lo;
 }
 
+int nm_failed(const struct netmon_event *e)
+{
+	if (e->outcome == NETMON_OUTCOME_FAILED)
+		return 1;
+	if (e->outcome != NETMON_OUTCOME_NONE || (e->flags & NETMON_F_NO_RESULT))
+		return 0;
+	return e->ret != 0;
+}
+
+static int dest_match(const struct nm_filter *f, const struct netmon_event *e)
+{
+	unsigned bits = f->dest_len, full = bits / 8, rest = bits % 8;
+
+	if (e->family != f->dest_family)
+		return 0;
+	if (f->dest_family == 1 /* AF_UNIX: a path prefix */)
+		return e->addr_len >= f->dest_len && memcmp(e->addr, f->dest, f->dest_len) == 0;
+	if (memcmp(e->addr, f->dest, full) != 0)
+		return 0;
+	return !rest || ((e->addr[full] ^ f->dest[full]) & (0xff00 >> rest) & 0xff) == 0;
+}
+
 static inline int match(const struct nm_filter *f, const struct netmon_event *e)
 {
 	uint32_t m = f->mask;
+	int known = !(e->flags & NETMON_F_NO_RESULT);
 
+	if (!m)
+		return 1;
 	if ((m & NM_Q_PID) && e->pid != f->pid)
 		return 0;
 	if ((m & NM_Q_COMM) && memcmp(e->comm, f->comm, NETMON_COMM_LEN) != 0)
+		return 0;
+	if ((m & NM_Q_KIND) && e->kind != f->kind)
 		return 0;
 	if ((m & NM_Q_FAMILY) && e->family != f->family)
 		return 0;
@@ -114,11 +216,13 @@ static inline int match(const struct nm_filter *f, const struct netmon_event *e)
 		return 0;
 	if ((m & NM_Q_PORT) && e->port != f->port)
 		return 0;
-	if ((m & NM_Q_OK) && e->ret != 0)
+	if ((m & NM_Q_OK) && !(known && e->ret == 0))
 		return 0;
-	if ((m & NM_Q_ERROR) && e->ret == 0)
+	if ((m & NM_Q_ERROR) && !(known && e->ret != 0))
 		return 0;
-	if ((m & NM_Q_RET) && e->ret != f->ret)
+	if ((m & NM_Q_RET) && !(known && e->ret == f->ret))
+		return 0;
+	if ((m & NM_Q_DEST) && !dest_match(f, e))
 		return 0;
 	return 1;
 }
@@ -276,5 +380,126 @@ int nm_store_latest_per_pid(struct nm_store *s, const struct nm_filter *f, uint6
 	*out = h.v;
 	*n = h.n;
 	*pids = m.n;
+	return 0;
+}
+
+/* ---- top-N ---- */
+
+static size_t group_key(int by, const struct netmon_event *e, uint8_t *key)
+{
+	switch (by) {
+	case NM_BY_DEST:
+		memcpy(key, &e->family, 2);
+		memcpy(key + 2, &e->port, 2);
+		key[4] = e->addr_len;
+		memcpy(key + 5, e->addr, e->addr_len);
+		return 5 + e->addr_len;
+	case NM_BY_COMM:
+		memcpy(key, e->comm, NETMON_COMM_LEN);
+		return NETMON_COMM_LEN;
+	case NM_BY_PID:
+		memcpy(key, &e->pid, 4);
+		return 4;
+	case NM_BY_PORT:
+		memcpy(key, &e->port, 2);
+		return 2;
+	default: /* NM_BY_ERROR */
+		memcpy(key, &e->ret, 4);
+		return 4;
+	}
+}
+
+struct group {
+	uint64_t hash; /* 0: empty slot */
+	struct nm_top t;
+};
+
+static uint64_t fnv1a(const uint8_t *p, size_t n)
+{
+	uint64_t h = 0xcbf29ce484222325ull;
+
+	while (n--)
+		h = (h ^ *p++) * 0x100000001b3ull;
+	return h | 1;
+}
+
+static int by_count_desc(const void *a, const void *b)
+{
+	const struct nm_top *x = a, *y = b;
+
+	if (x->count != y->count)
+		return x->count < y->count ? 1 : -1;
+	return x->rep.ts_ns < y->rep.ts_ns ? 1 : x->rep.ts_ns > y->rep.ts_ns ? -1 : 0;
+}
+
+int nm_store_top(struct nm_store *s, const struct nm_filter *f, int by, uint64_t limit,
+		 struct nm_top **out, uint64_t *n, uint64_t *groups, uint64_t *matched)
+{
+	uint8_t key[8 + NETMON_ADDR_LEN], other[8 + NETMON_ADDR_LEN];
+	struct group *g = NULL;
+	uint64_t cap = 0, used = 0, count = 0, first, lo, hi;
+	struct nm_top *res;
+
+	pthread_mutex_lock(&s->lock);
+	window(s, f, &first, &lo, &hi);
+	for (uint64_t i = hi; i-- > lo;) {
+		const struct netmon_event *e = at(s, first, i);
+		size_t klen;
+		uint64_t h, j;
+
+		if (!match(f, e) || (by == NM_BY_ERROR && !nm_failed(e)))
+			continue;
+		count++;
+		if ((used + 1) * 2 > cap) { /* grow and rehash */
+			uint64_t ncap = cap ? cap * 2 : 256;
+			struct group *ng = calloc(ncap, sizeof(*ng));
+
+			if (!ng) {
+				pthread_mutex_unlock(&s->lock);
+				free(g);
+				return -ENOMEM;
+			}
+			for (uint64_t k = 0; k < cap; k++) {
+				if (!g[k].hash)
+					continue;
+				for (j = g[k].hash & (ncap - 1); ng[j].hash; j = (j + 1) & (ncap - 1))
+					;
+				ng[j] = g[k];
+			}
+			free(g);
+			g = ng;
+			cap = ncap;
+		}
+		klen = group_key(by, e, key);
+		h = fnv1a(key, klen);
+		for (j = h & (cap - 1); g[j].hash; j = (j + 1) & (cap - 1)) {
+			if (g[j].hash == h && group_key(by, &g[j].t.rep, other) == klen &&
+			    memcmp(key, other, klen) == 0)
+				break;
+		}
+		if (!g[j].hash) {
+			g[j].hash = h;
+			g[j].t.rep = *e; /* newest first: the group's newest event */
+			used++;
+		}
+		g[j].t.count++;
+		g[j].t.failed += nm_failed(e);
+	}
+	pthread_mutex_unlock(&s->lock);
+
+	res = malloc((used ? used : 1) * sizeof(*res));
+	if (!res) {
+		free(g);
+		return -ENOMEM;
+	}
+	for (uint64_t k = 0, m = 0; k < cap; k++)
+		if (g[k].hash)
+			res[m++] = g[k].t;
+	free(g);
+	qsort(res, used, sizeof(*res), by_count_desc);
+	*out = res;
+	*n = limit && limit < used ? limit : used;
+	*groups = used;
+	*matched = count;
 	return 0;
 }

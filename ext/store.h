@@ -1,6 +1,7 @@
 /* The event store: a fixed-capacity ring of netmon_event records in C, guarded by one
  * mutex, overwriting the oldest and counting what it evicted. Every record gets a
  * sequence number (1, 2, ...); the record with sequence s lives in slot (s-1) % capacity.
+ * TCP outcome records are not stored: they update the connect event of the same socket.
  * Queries run without the GIL and copy out only what matched. */
 #ifndef NETMON_STORE_H
 #define NETMON_STORE_H
@@ -11,13 +12,23 @@
 #include <linux/types.h>
 #include "netmon.h"
 
+#define NM_JOIN_SLOTS 65536 /* TCP handshakes in flight the join can track */
+
+struct nm_join {
+	uint64_t sock_id;
+	uint64_t seq; /* connect event waiting for its outcome */
+};
+
 struct nm_store {
 	pthread_mutex_t lock;
 	struct netmon_event *ring;
 	uint64_t capacity;
 	uint64_t head;      /* sequence number of the newest record; 0 = none yet */
 	uint64_t evicted;   /* records overwritten before anyone could ask for them */
-	uint64_t malformed; /* records of the wrong size, not stored */
+	uint64_t malformed; /* records of the wrong size or kind, not stored */
+	uint64_t unmatched; /* TCP outcomes whose connect event was never seen / gone */
+	struct nm_join *waiting;          /* sock_id -> connect event awaiting its outcome */
+	struct netmon_event *early;       /* sock_id -> outcome that came before its connect */
 };
 
 /* what a query keeps; a zero field in `mask` means "any" */
@@ -27,9 +38,11 @@ enum {
 	NM_Q_FAMILY = 1 << 2,
 	NM_Q_PROTOCOL = 1 << 3,
 	NM_Q_PORT = 1 << 4,
-	NM_Q_OK = 1 << 5,    /* ret == 0 */
-	NM_Q_ERROR = 1 << 6, /* ret != 0 */
+	NM_Q_OK = 1 << 5,    /* ret == 0 (and the hook knew the result) */
+	NM_Q_ERROR = 1 << 6, /* ret != 0 (and the hook knew the result) */
 	NM_Q_RET = 1 << 7,   /* ret == filter.ret */
+	NM_Q_DEST = 1 << 8,  /* inet: address within addr/prefix; unix: path starts with addr */
+	NM_Q_KIND = 1 << 9,
 };
 
 struct nm_filter {
@@ -37,6 +50,10 @@ struct nm_filter {
 	uint32_t pid;
 	char comm[NETMON_COMM_LEN]; /* NUL-padded */
 	uint16_t family, protocol, port;
+	uint8_t kind;
+	uint8_t dest_family;  /* AF_INET, AF_INET6 or AF_UNIX */
+	uint8_t dest_len;     /* inet: prefix bits; unix: prefix bytes */
+	uint8_t dest[NETMON_ADDR_LEN];
 	int32_t ret;
 	uint64_t since_ns; /* keep ts >= since_ns (boot clock); 0: no bound */
 	uint64_t until_ns; /* keep ts < until_ns; 0: no bound */
@@ -48,12 +65,21 @@ struct nm_hit {
 	struct netmon_event ev;
 };
 
+/* what top-N groups by */
+enum { NM_BY_DEST = 0, NM_BY_COMM = 1, NM_BY_PID = 2, NM_BY_PORT = 3, NM_BY_ERROR = 4 };
+
+struct nm_top {
+	uint64_t count;
+	uint64_t failed;
+	struct netmon_event rep; /* the newest event of the group: renders its key */
+};
+
 int nm_store_init(struct nm_store *s, uint64_t capacity);
 void nm_store_free(struct nm_store *s);
 /* the ring-buffer callback's whole job; also the test entry point */
 int nm_store_push(struct nm_store *s, const void *data, size_t size);
 void nm_store_counters(struct nm_store *s, uint64_t *head, uint64_t *size, uint64_t *evicted,
-		       uint64_t *malformed, uint64_t *oldest_ts);
+		       uint64_t *malformed, uint64_t *unmatched, uint64_t *oldest_ts);
 
 /* Matching records in the window. newest != 0: the newest `limit` of them, else the
  * oldest `limit` (limit 0 = all). Returns a malloc'd array in sequence order (caller
@@ -66,5 +92,14 @@ int nm_store_query(struct nm_store *s, const struct nm_filter *f, uint64_t limit
  * *pids = distinct pids matched, *truncated = some pid had more than per_pid. */
 int nm_store_latest_per_pid(struct nm_store *s, const struct nm_filter *f, uint64_t per_pid,
 			    struct nm_hit **out, uint64_t *n, uint64_t *pids, int *truncated);
+
+/* The `limit` largest groups of matching records by `by`, largest first; *groups = all
+ * groups, *matched = all matching records. */
+int nm_store_top(struct nm_store *s, const struct nm_filter *f, int by, uint64_t limit,
+		 struct nm_top **out, uint64_t *n, uint64_t *groups, uint64_t *matched);
+
+/* a failed attempt: the handshake failed, or (not a TCP handshake) the call returned an
+ * error; EINPROGRESS with the handshake pending or done is not a failure */
+int nm_failed(const struct netmon_event *e);
 
 #endif

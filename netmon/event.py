@@ -8,7 +8,13 @@ import time
 from typing import NamedTuple, Optional
 
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
-NETMON_F_TRUNCATED = 0x1
+NETMON_F_TRUNCATED, NETMON_F_NO_RESULT = 0x1, 0x4  # bpf/netmon.h
+KINDS = {1: "connect", 2: "udp_send"}
+BACKENDS = {1: "syscall", 2: "cgroup"}
+OUTCOME_PENDING, OUTCOME_ESTABLISHED, OUTCOME_FAILED = 1, 2, 3
+# why a handshake failed, by -ret
+FAILURES = {111: "refused", 110: "timeout", 104: "reset", 113: "unreachable",
+            101: "unreachable"}
 
 SOCKET_TYPES = {1: "STREAM", 2: "DGRAM", 3: "RAW", 4: "RDM", 5: "SEQPACKET", 6: "DCCP",
                 10: "PACKET"}
@@ -63,8 +69,19 @@ def _unix_path(addr: bytes, flags: int):
     return path.decode("utf-8", "backslashreplace"), bool(flags & NETMON_F_TRUNCATED) and not nul
 
 
+def _outcome(code: int, ret: int, flags: int, protocol: Optional[str]) -> Optional[str]:
+    if code == OUTCOME_ESTABLISHED:
+        return "established"
+    if code == OUTCOME_PENDING:
+        return "pending"
+    if code == OUTCOME_FAILED:
+        return FAILURES.get(-ret, "failed")
+    return "unknown" if flags & NETMON_F_NO_RESULT else None
+
+
 class Event(NamedTuple):
-    """One connect() attempt, immutable."""
+    """One connect() attempt (or, kind "udp_send", unconnected UDP datagrams to one
+    destination within a second), immutable."""
     seq: int
     timestamp: _dt.datetime  # UTC, microseconds
     pid: int
@@ -78,15 +95,21 @@ class Event(NamedTuple):
     port: Optional[int]
     socket_type: Optional[str]  # "STREAM", "DGRAM", ...; None when the fd was not a socket
     protocol: Optional[str]  # "TCP", "UDP", "UNIX", ...; from the kernel socket
-    return_code: int  # 0 or -errno
+    return_code: Optional[int]  # 0 or -errno; None where the hook cannot know it
     error: Optional[str]  # errno name, None on success
     truncated: bool  # a unix path longer than the record holds was cut
     ts_ns: int  # CLOCK_BOOTTIME ns, as recorded by the kernel
+    kind: str  # "connect" or "udp_send"
+    backend: str  # "syscall" or "cgroup"
+    net_ns: Optional[int]  # network namespace inode
+    outcome: Optional[str]  # TCP: established/refused/timeout/reset/unreachable/failed/pending
+    latency_us: Optional[int]  # TCP handshake time, once known
+    packets: Optional[int]  # udp_send: datagrams in the second
 
     @classmethod
     def from_row(cls, row, offset_ns: int) -> "Event":
         (seq, ts_ns, cgroup_id, pid, tid, uid, ret, family, port, sock_type, proto, flags,
-         comm, addr) = row
+         comm, addr, kind, backend, outcome, net_ns, latency_us, packets) = row
         ip = dest = None
         out_port = None
         truncated = False
@@ -109,9 +132,14 @@ class Event(NamedTuple):
             cgroup_id=cgroup_id, command=comm.decode("utf-8", "backslashreplace"),
             family=family, destination=dest, ip=ip, port=out_port,
             socket_type=SOCKET_TYPES.get(sock_type, str(sock_type)) if sock_type else None,
-            protocol=protocol, return_code=ret,
-            error=(_errno.errorcode.get(-ret, f"E{-ret}") if ret < 0 else None),
-            truncated=truncated, ts_ns=ts_ns)
+            protocol=protocol,
+            return_code=None if flags & NETMON_F_NO_RESULT else ret,
+            error=(_errno.errorcode.get(-ret, f"E{-ret}")
+                   if ret < 0 and not flags & NETMON_F_NO_RESULT else None),
+            truncated=truncated, ts_ns=ts_ns, kind=KINDS.get(kind, str(kind)),
+            backend=BACKENDS.get(backend, str(backend)), net_ns=net_ns or None,
+            outcome=_outcome(outcome, ret, flags, protocol),
+            latency_us=latency_us or None, packets=packets if kind == 2 else None)
 
     @property
     def service(self) -> Optional[str]:
@@ -128,5 +156,7 @@ class Event(NamedTuple):
             "socket_type": self.socket_type, "service": self.service,
             "return_code": self.return_code, "error": self.error,
             "cgroup_id": self.cgroup_id, "truncated": self.truncated,
+            "kind": self.kind, "backend": self.backend, "net_ns": self.net_ns,
+            "outcome": self.outcome, "latency_us": self.latency_us, "packets": self.packets,
             "timestamp": ts, "wall_time": ts,
         }

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import datetime as _dt
 import errno
 import logging
 import os
 import threading
 import time
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Tuple
 
 from . import _core
-from .event import Event, wall_offset_ns
+from .event import Event, to_datetime, wall_offset_ns
+from .filters import FilterError, compile_filter
 
 log = logging.getLogger("netmon")
 
@@ -25,7 +25,6 @@ TRACEFS = "/sys/kernel/tracing"
 CONNECT_TP = "events/syscalls/sys_enter_connect"
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 
-Since = Union[None, _dt.datetime, _dt.timedelta]
 
 
 class MonitorError(RuntimeError):
@@ -199,71 +198,59 @@ class Monitor:
     # ---- queries ----
 
     @staticmethod
-    def _since_ns(since: Since) -> int:
-        if since is None:
-            return 0
-        if isinstance(since, _dt.timedelta):
-            ns = _core.boot_ns() - since // _dt.timedelta(microseconds=1) * 1000
-        elif isinstance(since, _dt.datetime):
-            if since.tzinfo is None:
-                raise ValueError("since must be timezone-aware")
-            epoch_ns = (since - _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)) \
-                // _dt.timedelta(microseconds=1) * 1000
-            ns = epoch_ns - wall_offset_ns()
-        else:
-            raise TypeError("since must be a datetime or a timedelta")
-        return max(ns, 1)
-
-    @staticmethod
     def _events(rows) -> List[Event]:
         off = wall_offset_ns()
         return [Event.from_row(r, off) for r in rows]
 
-    def events(self, pid: Optional[int] = None, command: Optional[str] = None,
-               since: Since = None, limit: Optional[int] = None, *,
-               after_seq: int = 0, until: Since = None, family: Optional[int] = None,
-               protocol: Optional[int] = None, port: Optional[int] = None,
-               result=None) -> List[Event]:
-        """The newest `limit` (all if None) matching events, oldest first."""
-        rows, _ = self.query(pid=pid, command=command, since=since, until=until, limit=limit,
-                             after_seq=after_seq, family=family, protocol=protocol, port=port,
-                             result=result)
-        return rows
+    # Filters, for every query (see netmon.filters.compile_filter): pid, command (exact
+    # comm), kind ("connect" by default, "udp_send", None for both), family ("inet",
+    # "inet6", "unix" or a number), protocol ("tcp", "udp", ...), port, dest (IP, CIDR or
+    # unix path prefix), result ("ok", "error" or an errno name), since / until (aware
+    # datetime, or timedelta meaning that long ago), after_seq. Bad values: ValueError.
 
-    def query(self, *, pid=None, command=None, since: Since = None, until: Since = None,
-              limit: Optional[int] = None, after_seq: int = 0, newest: bool = True,
-              family=None, protocol=None, port=None, result=None) -> Tuple[List[Event], int]:
+    def events(self, limit: Optional[int] = None, **filters) -> List[Event]:
+        """The newest `limit` (all if None) matching events, oldest first."""
+        return self.query(limit=limit, **filters)[0]
+
+    def query(self, limit: Optional[int] = None, newest: bool = True,
+              **filters) -> Tuple[List[Event], int]:
         """(events, matched): like events(), plus how many matched in all.
         newest=False takes the oldest `limit` after `after_seq` instead (paging)."""
-        rows, matched = self._store.query(
-            pid=pid, comm=command, family=family, protocol=protocol, port=port, result=result,
-            since_ns=self._since_ns(since), until_ns=self._since_ns(until) if until else 0,
-            after_seq=after_seq, limit=limit or 0, newest=newest)
+        rows, matched = self._store.query(limit or 0, newest, **compile_filter(**filters))
         return self._events(rows), matched
 
-    def count(self, pid: Optional[int] = None, command: Optional[str] = None,
-              since: Since = None) -> int:
-        return self._store.count(pid=pid, comm=command, since_ns=self._since_ns(since))
+    def count(self, **filters) -> int:
+        return self._store.count(**compile_filter(**filters))
 
-    def latest_per_pid(self, limit: int = 100, pid: Optional[int] = None,
-                       since: Since = None) -> Tuple[dict, bool]:
+    def latest_per_pid(self, limit: int = 100, **filters) -> Tuple[dict, bool]:
         """({pid: [its newest `limit` events, oldest first]}, truncated)."""
-        rows, _, truncated = self._store.latest_per_pid(limit, pid=pid,
-                                                         since_ns=self._since_ns(since))
+        rows, _, truncated = self._store.latest_per_pid(limit, **compile_filter(**filters))
         out: dict = {}
         for ev in self._events(rows):
             out.setdefault(ev.pid, []).append(ev)
         return out, truncated
 
-    def follow(self, after_seq: Optional[int] = None,
-               timeout: Optional[float] = None) -> Iterator[Event]:
-        """Events newer than after_seq (default: from now on), as they arrive; ends after
-        `timeout` seconds (None: never). Events overwritten before they were read are
-        skipped; compare seq numbers to see the gap."""
+    def top(self, by: str = "destination", limit: int = 10,
+            **filters) -> Tuple[List[Tuple[Event, int, int]], int, int]:
+        """([(the group's newest event, count, failed)], groups, matched): the largest
+        groups by destination, command, pid, port or error (failed attempts only)."""
+        if by not in _core.TOP_BY:
+            raise FilterError("by", f"must be one of {', '.join(_core.TOP_BY)}")
+        rows, groups, matched = self._store.top(by, limit, **compile_filter(**filters))
+        off = wall_offset_ns()
+        return [(Event.from_row(r, off), n, failed) for r, n, failed in rows], groups, matched
+
+    def follow(self, after_seq: Optional[int] = None, timeout: Optional[float] = None,
+               **filters) -> Iterator[Event]:
+        """Matching events newer than after_seq (default: from now on), as they arrive;
+        ends after `timeout` seconds (None: never). Events overwritten before they were
+        read are skipped; compare seq numbers to see the gap."""
         last = self._store.counters()["last_seq"] if after_seq is None else after_seq
         deadline = None if timeout is None else time.monotonic() + timeout
+        q = compile_filter(**filters)
         while deadline is None or time.monotonic() < deadline:
-            rows, _ = self._store.query(after_seq=last, limit=1000, newest=False)
+            q["after_seq"] = last
+            rows, _ = self._store.query(1000, False, **q)
             if not rows:
                 time.sleep(POLL_MS / 1000)
                 continue
@@ -272,22 +259,25 @@ class Monitor:
                 yield ev
 
     def stats(self) -> dict:
+        """captured = delivered + dropped: every connect the kernel saw is in one of them."""
         c = self._store.counters()
         probe = self._probe
-        drops = probe.drops() if probe is not None else dict.fromkeys(_core.DROP_REASONS, 0)
+        kernel = probe.drops() if probe is not None else dict.fromkeys(_core.DROP_REASONS, 0)
+        outcome_drops = kernel.pop("outcome_ringbuf_full")
         oldest = c["oldest_ts_ns"]
         return {
-            "captured": c["delivered"] + sum(drops.values()),
+            "captured": c["delivered"] + sum(kernel.values()),
             "delivered": c["delivered"],
-            "dropped": drops,
-            "dropped_total": sum(drops.values()),
+            "dropped": kernel,
+            "dropped_total": sum(kernel.values()),
             "evicted": c["evicted"],
             "malformed": c["malformed"],
+            "outcomes_lost": {"ringbuf_full": outcome_drops,
+                              "unmatched": c["outcomes_unmatched"]},
             "size": c["size"],
             "capacity": self.capacity,
             "last_seq": c["last_seq"],
-            "oldest_timestamp": (Event.from_row((0, oldest, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b"", b""),
-                                                wall_offset_ns()).timestamp
+            "oldest_timestamp": (to_datetime(oldest + wall_offset_ns())
                                  if oldest is not None else None),
             "poll_lag_seconds": self.poll_lag(),
             "attached": probe is not None,

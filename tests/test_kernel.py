@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from netmon import Monitor
+from netmon import Monitor, _core
 
 pytestmark = pytest.mark.bpf
 CONNECTOR = os.path.join(os.path.dirname(__file__), "connector.py")
@@ -110,6 +110,28 @@ def test_every_kind_of_connect_every_field(mon, listeners):
     assert [e.seq for e in evs] == sorted(e.seq for e in evs)
 
 
+def test_tcp_outcome_and_latency_joined_to_the_connect(mon, listeners):
+    L = listeners
+    ops = [
+        {"family": "inet", "addr": ["127.0.0.1", L["tcp4"]]},
+        {"family": "inet", "addr": ["127.0.0.1", L["closed"]]},
+        {"family": "inet6", "addr": ["::1", L["tcp6"]], "nonblock": True},
+        {"family": "inet", "type": "dgram", "addr": ["127.0.0.1", 9]},
+    ]
+    child = run_child("nm-outcome", ops)
+    evs = wait_for(mon, child["pid"], len(ops))
+    time.sleep(0.05)  # the non-blocking handshake's outcome may trail its connect event
+    evs = mon.events(pid=child["pid"])
+    assert [(e.return_code, e.outcome) for e in evs] == [
+        (0, "established"), (-errno.ECONNREFUSED, "refused"),
+        (-errno.EINPROGRESS, "established"), (0, None)]
+    assert all(e.latency_us > 0 for e in evs[:3]) and evs[3].latency_us is None
+    assert all(e.kind == "connect" and e.backend == "syscall" for e in evs)
+    netns = os.stat("/proc/self/ns/net").st_ino
+    assert all(e.net_ns == netns for e in evs)
+    assert mon.stats()["outcomes_lost"]["ringbuf_full"] == 0
+
+
 def _my_cgroup_dir():
     """This process's cgroup v2 directory (the child inherits it); its inode is the id."""
     with open("/proc/self/cgroup") as f:
@@ -129,7 +151,7 @@ def test_long_unix_path_is_truncated_and_flagged(mon):
     child = run_child("nm-long-path", [{"family": "unix", "addr": path}])
     (ev,) = wait_for(mon, child["pid"], 1)
     assert ev.truncated is True
-    assert ev.destination == path[:64]
+    assert ev.destination == path[:_core.ADDR_LEN]
     assert ev.return_code == -errno.ENOENT
 
 
@@ -150,7 +172,8 @@ def test_health_and_stats_while_running(mon):
     assert ok, reason
     st = mon.stats()
     assert st["attached"] is True
-    assert set(st["programs"]) == {"netmon_connect_enter", "netmon_connect_exit"}
+    assert set(st["programs"]) == {"netmon_connect_enter", "netmon_connect_exit",
+                                   "netmon_tcp_state"}
     assert st["poll_lag_seconds"] < 1.0
     assert st["captured"] == st["delivered"] + st["dropped_total"]
 
@@ -181,7 +204,7 @@ def _bpftool(*args):
 def test_nothing_left_attached_after_exit():
     with Monitor(capacity=1024) as m:
         ids = {s["id"] for s in m.program_stats().values()}
-        assert len(ids) == 2
+        assert len(ids) == 3
         assert ids <= {p["id"] for p in _bpftool("prog", "list")}
         assert ids <= {link.get("prog_id") for link in _bpftool("link", "list")}
     assert not ids & {p["id"] for p in _bpftool("prog", "list")}

@@ -191,7 +191,8 @@ def test_concurrent_push_and_query():
     (dict(path="/run/app.sock"), dict(family=1, destination="/run/app.sock", ip=None,
                                       port=None, protocol="UNIX", truncated=False)),
     (dict(path="@bus"), dict(family=1, destination="@bus", protocol="UNIX")),
-    (dict(path="/" + "x" * 100), dict(destination="/" + "x" * 63, truncated=True)),
+    (dict(path="/" + "x" * 100), dict(destination="/" + "x" * (_core.ADDR_LEN - 1),
+                                      truncated=True)),
     (dict(ip=None, family=16, sock_type=3, protocol=0),
      dict(family=16, destination=None, ip=None, port=None, socket_type="RAW", protocol=None)),
     (dict(ip="127.0.0.1", sock_type=0), dict(socket_type=None, protocol=None)),
@@ -252,3 +253,111 @@ def test_bad_arguments():
         m.count(command="x" * 16)
     with pytest.raises(ValueError):
         m.count(since=dt.datetime(2026, 1, 1))  # naive
+
+
+def test_tcp_outcome_updates_its_connect_event_in_either_order():
+    m = synthetic_monitor(64)
+    # non-blocking: the connect event first (pending), its outcome later
+    m.inject(record(pid=1, sock_id=0xA0, ret=-115, outcome=1))
+    m.inject(record(kind=3, sock_id=0xA0, outcome=2, latency_us=42, pid=0))
+    # blocking: the handshake ends inside connect(), so the outcome comes first
+    m.inject(record(kind=3, sock_id=0xB0, outcome=3, ret=-111, latency_us=7, pid=0))
+    m.inject(record(pid=2, sock_id=0xB0, ret=-111, outcome=3))
+    # cgroup backend: the hook cannot know the result; the outcome supplies it
+    m.inject(record(pid=3, sock_id=0xC0, outcome=1, backend=2, flags=0x4))
+    m.inject(record(kind=3, sock_id=0xC0, outcome=3, ret=-110, latency_us=3000000, pid=0))
+    # UDP under the cgroup backend: unknown, never invented
+    m.inject(record(pid=4, sock_type=2, backend=2, flags=0x4))
+    a, b, c, d = m.events()
+    assert (a.pid, a.return_code, a.outcome, a.latency_us) == (1, -115, "established", 42)
+    assert (b.pid, b.return_code, b.outcome, b.latency_us) == (2, -111, "refused", 7)
+    assert (c.pid, c.return_code, c.error, c.outcome, c.backend) == (
+        3, -110, "ETIMEDOUT", "timeout", "cgroup")
+    assert (d.return_code, d.error, d.outcome, d.protocol) == (None, None, "unknown", "UDP")
+    assert m.stats()["delivered"] == 4  # outcomes are updates, not events
+    assert m.stats()["outcomes_lost"]["unmatched"] == 0
+
+
+def test_outcome_for_a_connect_never_seen_is_counted():
+    m = synthetic_monitor(8)
+    m.inject(record(kind=3, sock_id=0xD0, outcome=2, pid=0))
+    m.inject(record(kind=3, sock_id=0xD0 + (1 << 20), outcome=2, pid=0))
+    m.inject(record(kind=3, sock_id=0, outcome=2, pid=0))
+    assert m.events() == []
+    assert m.stats()["outcomes_lost"]["unmatched"] >= 1
+
+
+@pytest.mark.parametrize("dest, expect", [
+    ("10.0.0.0/8", [1, 2]),
+    ("10.1.0.0/16", [1]),
+    ("10.1.2.3", [1]),
+    ("10.0.0.0/7", [1, 2, 3]),  # 11.x is inside /7, 12.x is not
+    ("0.0.0.0/0", [1, 2, 3, 4]),
+    ("2001:db8::/32", [5, 6]),
+    ("2001:db8:0:1::/64", [6]),
+    ("::1/128", [7]),
+    ("/run/", [8]),
+    ("/run/app.sock", [8]),
+    ("@bus", [9]),
+])
+def test_dest_filter_cidr_edges(dest, expect):
+    m = synthetic_monitor(64)
+    for pid, ip in [(1, "10.1.2.3"), (2, "10.255.255.255"), (3, "11.0.0.1"), (4, "12.0.0.1"),
+                    (5, "2001:db8::1"), (6, "2001:db8:0:1::5"), (7, "::1")]:
+        m.inject(record(pid=pid, ip=ip))
+    m.inject(record(pid=8, path="/run/app.sock"))
+    m.inject(record(pid=9, path="@bus-x"))
+    assert [e.pid for e in m.events(dest=dest)] == expect
+
+
+def test_result_family_protocol_port_kind_filters_combine():
+    m = synthetic_monitor(64)
+    m.inject(record(pid=1, ret=-111, port=80))
+    m.inject(record(pid=2, ret=0, port=80))
+    m.inject(record(pid=3, ret=-111, port=443, ip="::1"))
+    m.inject(record(pid=4, ret=0, port=53, sock_type=2))
+    m.inject(record(pid=5, kind=2, packets=9, port=53, sock_type=2))
+    pids = lambda **f: [e.pid for e in m.events(**f)]  # noqa: E731
+    assert pids(result="ECONNREFUSED") == [1, 3]
+    assert pids(result="error") == [1, 3]
+    assert pids(result="ok") == [2, 4]
+    assert pids(result="error", family="inet") == [1]
+    assert pids(protocol="udp") == [4]
+    assert pids(port=80, result="ok") == [2]
+    assert pids(kind="udp_send") == [5]
+    assert pids(kind=None, port=53) == [4, 5]
+    (u,) = m.events(kind="udp_send")
+    assert (u.kind, u.packets) == ("udp_send", 9)
+
+
+@pytest.mark.parametrize("bad, param", [
+    (dict(family="ipx"), "family"), (dict(protocol="tcpx"), "protocol"),
+    (dict(port=70000), "port"), (dict(dest="10.0.0.0/33"), "dest"), (dict(dest="x"), "dest"),
+    (dict(result="ENOTANERRNO"), "result"), (dict(pid=-1), "pid"), (dict(pid=True), "pid"),
+    (dict(command=""), "command"), (dict(kind="tcp"), "kind"),
+])
+def test_bad_filters_name_the_parameter(bad, param):
+    from netmon.filters import FilterError
+    m = synthetic_monitor(4)
+    with pytest.raises(FilterError) as ei:
+        m.events(**bad)
+    assert ei.value.param == param
+
+
+def test_top_groups_counts_and_failures():
+    m = synthetic_monitor(256)
+    m.inject(record(pid=3, comm="old", ip="10.0.0.3", port=80, age=120))
+    for i in range(10):
+        m.inject(record(pid=1, comm="curl", ip="10.0.0.1", port=443, ret=-111 if i < 3 else 0))
+    for i in range(5):
+        m.inject(record(pid=2, comm="wget", ip="10.0.0.2", port=80))
+    top, groups, matched = m.top("destination", 10, since=dt.timedelta(seconds=60))
+    assert [(e.destination, n, f) for e, n, f in top] == [("10.0.0.1:443", 10, 3),
+                                                          ("10.0.0.2:80", 5, 0)]
+    assert (groups, matched) == (2, 15)
+    assert [(e.command, n) for e, n, _ in m.top("command", 1)[0]] == [("curl", 10)]
+    assert [(e.port, n) for e, n, _ in m.top("port", 10)[0]] == [(443, 10), (80, 6)]
+    assert [(e.pid, n) for e, n, _ in m.top("pid", 10)[0]] == [(1, 10), (2, 5), (3, 1)]
+    assert [(e.error, n, f) for e, n, f in m.top("error", 10)[0]] == [("ECONNREFUSED", 3, 3)]
+    with pytest.raises(ValueError):
+        m.top("nonsense", 10)

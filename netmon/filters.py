@@ -1,0 +1,123 @@
+"""One place that turns query filters (names, addresses, times) into what the C store
+matches on, with a ValueError naming the bad parameter. Shared by Monitor, the API and
+`netmon trace`."""
+from __future__ import annotations
+
+import datetime as _dt
+import errno as _errno
+import ipaddress
+import re
+from typing import Optional, Union
+
+from . import _core
+from .event import AF_INET, AF_INET6, AF_UNIX, KINDS, PROTOCOL_NUMBERS, wall_offset_ns
+
+FAMILY_NAMES = {"inet": AF_INET, "inet6": AF_INET6, "unix": AF_UNIX}
+KIND_NUMBERS = {v: k for k, v in KINDS.items()}
+Time = Union[None, _dt.datetime, _dt.timedelta]
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+
+
+class FilterError(ValueError):
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+def parse_time(param: str, text: str) -> _dt.datetime | _dt.timedelta:
+    """'300s' / '5m' / '2h' (that long ago) or an RFC 3339 timestamp with a zone."""
+    m = re.fullmatch(r"(\d{1,9})([smh])", text)
+    if m:
+        return _dt.timedelta(seconds=int(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)])
+    try:
+        t = _dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise FilterError(param, "must be RFC 3339 (2026-11-27T14:30:00Z) or an age like 300s")
+    if t.tzinfo is None:
+        raise FilterError(param, "RFC 3339 timestamp needs a zone (Z or +hh:mm)")
+    return t
+
+
+def boot_ns(param: str, t: Time) -> int:
+    """A wall-clock instant or an age -> the records' boot clock (ns); 0 for None."""
+    if t is None:
+        return 0
+    if isinstance(t, _dt.timedelta):
+        ns = _core.boot_ns() - t // _dt.timedelta(microseconds=1) * 1000
+    elif isinstance(t, _dt.datetime):
+        if t.tzinfo is None:
+            raise FilterError(param, "must be timezone-aware")
+        ns = (t - _EPOCH) // _dt.timedelta(microseconds=1) * 1000 - wall_offset_ns()
+    else:
+        raise FilterError(param, "must be a datetime or a timedelta")
+    return max(ns, 1)
+
+
+def _int(param: str, v, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise FilterError(param, f"must be an integer between {lo} and {hi}")
+    return v
+
+
+def _named(param: str, v, names: dict, hi: int) -> int:
+    if isinstance(v, str):
+        if v.lower() not in names:
+            raise FilterError(param, f"must be one of {', '.join(sorted(names))}")
+        return names[v.lower()]
+    return _int(param, v, 0, hi)
+
+
+def _dest(v: str):
+    if not isinstance(v, str) or not v:
+        raise FilterError("dest", "must be an IP, a CIDR or a unix path prefix")
+    if v[0] in "/@":
+        raw = b"\0" + v[1:].encode() if v[0] == "@" else v.encode()
+        if len(raw) > _core.ADDR_LEN:
+            raise FilterError("dest", f"unix path prefix longer than {_core.ADDR_LEN} bytes")
+        return AF_UNIX, raw, len(raw)
+    try:
+        net = ipaddress.ip_network(v, strict=False)
+    except ValueError:
+        raise FilterError("dest", "must be an IP, a CIDR like 10.0.0.0/8, or a unix path "
+                                  "prefix starting with / or @")
+    return (AF_INET if net.version == 4 else AF_INET6), net.network_address.packed, net.prefixlen
+
+
+def _result(v):
+    if v in ("ok", "error"):
+        return v
+    if isinstance(v, str):
+        code = getattr(_errno, v.upper(), None) if v.upper().startswith("E") else None
+        if code is None:
+            raise FilterError("result", "must be ok, error, or an errno name like ECONNREFUSED")
+        return -code
+    return _int("result", v, -4095, 0)
+
+
+def compile_filter(*, pid=None, command=None, kind="connect", family=None, protocol=None,
+                   port=None, dest=None, result=None, since: Time = None, until: Time = None,
+                   after_seq: int = 0) -> dict:
+    """Filters -> the keyword arguments of _core.Store queries. kind defaults to connect
+    attempts; pass kind=None for every kind."""
+    q = {"since_ns": boot_ns("since", since), "until_ns": boot_ns("until", until),
+         "after_seq": _int("after", after_seq, 0, 2**63 - 1)}
+    if pid is not None:
+        q["pid"] = _int("pid", pid, 0, 2**32 - 1)
+    if command is not None:
+        if not isinstance(command, str) or not command or len(command.encode()) > 15:
+            raise FilterError("command", "must be a non-empty string of at most 15 bytes")
+        q["comm"] = command
+    if kind is not None:
+        q["kind"] = _named("kind", kind, KIND_NUMBERS, 255)
+    if family is not None:
+        q["family"] = _named("family", family, FAMILY_NAMES, 65535)
+    if protocol is not None:
+        q["protocol"] = _named("protocol", protocol,
+                               {k.lower(): v for k, v in PROTOCOL_NUMBERS.items()}, 65535)
+    if port is not None:
+        q["port"] = _int("port", port, 0, 65535)
+    if dest is not None:
+        q["dest"] = _dest(dest)
+    if result is not None:
+        q["result"] = _result(result)
+    return q
