@@ -47,14 +47,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_addr(text: str) -> Tuple[str, int]:
-    """'HOST:PORT', '[IPv6]:PORT' or ':PORT' (all interfaces, as Go) -> (host, port).
-    The host '' means all interfaces."""
+    """'HOST:PORT', '[IPv6]:PORT' or ':PORT' -> (host, port). ':PORT' means every
+    interface, IPv4 and IPv6, as in Go: the dual-stack '::'."""
     m = re.fullmatch(r"(?:\[([0-9A-Fa-f:.%\w]+)\]|([^:\[\]]*)):([0-9]{1,5})", text)
     if not m or int(m.group(3)) > 65535:
         raise argparse.ArgumentTypeError(
             f"invalid address {text!r}: expected HOST:PORT, [IPv6]:PORT or :PORT "
             "with a port from 0 to 65535")
-    return m.group(1) or m.group(2), int(m.group(3))
+    return m.group(1) or m.group(2) or "::", int(m.group(3))
 
 
 def _count(text: str) -> int:

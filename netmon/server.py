@@ -73,8 +73,12 @@ class _WSGIServer(wsgi.Server):
         log.log(level, "%s", msg, exc_info=traceback)
 
 
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _bind_error(host: str, port: int, e: Optional[OSError]) -> ServerError:
-    where = f"{host or '*'}:{port}"
+    where = host_port(host, port)
     if e is not None and e.errno == errno.EADDRINUSE:
         return ServerError(f"cannot listen on {where}: the port is already in use; stop the "
                            f"other process (ss -ltnp 'sport = :{port}') or pick another port "
@@ -117,8 +121,7 @@ class Server:
 
     @property
     def url(self) -> str:
-        host, port = self.address
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return "http://" + host_port(*self.address)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._httpd.serve, name="netmon-http")
