@@ -1,0 +1,16 @@
+"""Shared test policy: kernel tests (marker `bpf`) need root. Without root they skip,
+unless NETMON_REQUIRE_BPF is set (CI sets it): then they fail, so nothing is silently
+left untested."""
+import os
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def require_bpf(request):
+    if request.node.get_closest_marker("bpf") is None or os.geteuid() == 0:
+        return
+    reason = "needs root to load BPF programs"
+    if "NETMON_REQUIRE_BPF" in os.environ:
+        pytest.fail(f"{reason}, and NETMON_REQUIRE_BPF is set")
+    pytest.skip(reason)
