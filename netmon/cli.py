@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -130,11 +131,9 @@ def _log_events(monitor: Monitor) -> None:
     """--debug: log each event, following the store from outside the capture path."""
     last = monitor.stats()["last_seq"]
     while monitor.running:
-        for ev in monitor.follow(after_seq=last, timeout=1.0):
+        for ev in monitor.follow(after_seq=last, timeout=1.0, kind=None):
             last = ev.seq
-            log.debug("event seq=%d pid=%d tid=%d uid=%d comm=%r %s %s -> %s: %s", ev.seq,
-                      ev.pid, ev.tid, ev.uid, ev.command, ev.protocol or "-",
-                      ev.socket_type or "-", ev.destination, ev.error or "ok")
+            log.debug("event %s", json.dumps(ev.to_dict()))
 
 
 def _fail(message: str, code: int) -> int:
