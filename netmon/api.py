@@ -8,6 +8,7 @@ import datetime as _dt
 import json
 import logging
 import re
+
 import bottle
 
 from . import __version__
@@ -71,7 +72,7 @@ def _json_object() -> dict:
 def _command(value) -> str:
     try:
         ok = isinstance(value, str) and 0 < len(value.encode()) <= COMM_BYTES
-    except UnicodeEncodeError:  # a lone surrogate from a JSON \\ud800 escape
+    except UnicodeEncodeError:  # a lone surrogate, from a JSON \ud800 escape
         ok = False
     if not ok:
         raise _bad_request(COMMAND_MSG)
