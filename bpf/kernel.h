@@ -92,6 +92,15 @@ struct socket {
 	struct sock *sk;
 };
 
+struct sockaddr;
+
+/* what a cgroup sock_addr program's context points at in the kernel */
+struct bpf_sock_addr_kern {
+	struct sock *sk;
+	struct sockaddr *uaddr;
+	__u32 uaddrlen;
+};
+
 #pragma clang attribute pop
 
 #endif

@@ -5,6 +5,11 @@
  * sys_exit_connect turns it and the return value into one netmon_event on the ring
  * buffer. inet_sock_set_state times each TCP handshake (SYN sent -> established or
  * closed) and sends its outcome, which the store joins to the connect by socket.
+ * The cgroup backend replaces the two syscall tracepoints with cgroup/connect4, connect6
+ * and connect_unix hooks on the cgroup v2 root: no cost to other syscalls, and connects
+ * made through io_uring are seen; the hooks run before the connect, so they cannot know
+ * its result (the TCP outcome supplies it). Optional cgroup/sendmsg4/6 hooks count
+ * unconnected UDP datagrams per (process, destination) in a map the consumer sweeps.
  * Wake-ups are batched: a record is submitted without waking the consumer unless
  * wakeup_bytes are already waiting; the consumer drains on a short timer. */
 #include "kernel.h"
@@ -59,6 +64,17 @@ struct {
 	__type(value, __u64);
 } drops SEC(".maps");
 
+/* generic kfunc (6.2+): a program's ctx -> the kernel struct behind it */
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
+
+/* unconnected UDP sends: one entry per (process, destination), swept by the consumer */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct netmon_udp_key);
+	__type(value, struct netmon_event); /* packets counts; ts_ns = the first datagram */
+} udp_flows SEC(".maps");
+
 /* TCP sockets in SYN_SENT: when the SYN went out */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -66,6 +82,14 @@ struct {
 	__type(key, __u64); /* struct sock * */
 	__type(value, __u64);
 } syn_sent SEC(".maps");
+
+/* a udp_flows value is built here: too large for the 512-byte stack with the rest */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct netmon_event);
+} scratch_event SEC(".maps");
 
 /* pending is too large for the 512-byte stack together with the rest: build it here */
 struct {
@@ -264,4 +288,167 @@ int netmon_tcp_state(struct trace_event_raw_inet_sock_set_state *ctx)
 	submit(e);
 	bpf_map_delete_elem(&syn_sent, &sk);
 	return 0;
+}
+
+/* ---- cgroup backend ---- */
+
+static __always_inline struct netmon_event *hook_event(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock_addr_kern *kctx = bpf_cast_to_kern_ctx(ctx);
+	struct netmon_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	__u64 id = bpf_get_current_pid_tgid();
+	struct sock *sk;
+
+	if (!e) {
+		count_drop(NETMON_DROP_RINGBUF_FULL);
+		return NULL;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ts_ns = bpf_ktime_get_boot_ns();
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	e->pid = id >> 32;
+	e->tid = (__u32)id;
+	e->uid = (__u32)bpf_get_current_uid_gid();
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	e->kind = NETMON_KIND_CONNECT;
+	e->backend = NETMON_BACKEND_CGROUP;
+	e->family = ctx->user_family;
+	e->sock_type = ctx->type;
+	e->protocol = ctx->protocol;
+	e->flags = NETMON_F_NO_RESULT; /* the connect has not happened yet */
+	sk = BPF_CORE_READ(kctx, sk);
+	e->sock_id = (__u64)sk;
+	e->net_ns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	if (e->protocol == IPPROTO_TCP)
+		e->outcome = NETMON_OUTCOME_PENDING;
+	return e;
+}
+
+SEC("cgroup/connect4")
+int netmon_cg_connect4(struct bpf_sock_addr *ctx)
+{
+	struct netmon_event *e = hook_event(ctx);
+
+	if (e) {
+		e->port = bpf_ntohs(ctx->user_port);
+		*(__u32 *)e->addr = ctx->user_ip4;
+		e->addr_len = 4;
+		submit(e);
+	}
+	return 1; /* allow: 0 would fail every connect() on the host */
+}
+
+SEC("cgroup/connect6")
+int netmon_cg_connect6(struct bpf_sock_addr *ctx)
+{
+	struct netmon_event *e = hook_event(ctx);
+
+	if (e) {
+		e->port = bpf_ntohs(ctx->user_port);
+		/* user_ip6 may only be read in 4-byte words */
+		((__u32 *)e->addr)[0] = ctx->user_ip6[0];
+		((__u32 *)e->addr)[1] = ctx->user_ip6[1];
+		((__u32 *)e->addr)[2] = ctx->user_ip6[2];
+		((__u32 *)e->addr)[3] = ctx->user_ip6[3];
+		e->addr_len = 16;
+		submit(e);
+	}
+	return 1;
+}
+
+/* libbpf 1.1 does not know this section: the loader sets the program type and the
+ * expected attach type BPF_CGROUP_UNIX_CONNECT (Linux 6.7+) itself */
+SEC("cgroup/connect_unix")
+int netmon_cg_connect_unix(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock_addr_kern *kctx = bpf_cast_to_kern_ctx(ctx);
+	struct netmon_event *e = hook_event(ctx);
+	__u8 more = 0;
+	__u32 n;
+
+	if (!e)
+		return 1;
+	e->family = AF_UNIX;
+	n = kctx->uaddrlen;
+	n = n > 2 ? n - 2 : 0;
+	/* uaddr is the kernel's copy in a sockaddr_storage (128 bytes): reads past the
+	 * caller's length stay inside it; bytes beyond n are ignored via addr_len */
+	bpf_probe_read_kernel(e->addr, NETMON_ADDR_LEN, (void *)kctx->uaddr + 2);
+	if (n > NETMON_ADDR_LEN) {
+		n = NETMON_ADDR_LEN;
+		bpf_probe_read_kernel(&more, 1, (void *)kctx->uaddr + 2 + NETMON_ADDR_LEN);
+		if (more || e->addr[0] == 0)
+			e->flags |= NETMON_F_TRUNCATED;
+	}
+	e->addr_len = n;
+	submit(e);
+	return 1;
+}
+
+static __always_inline void udp_send(struct bpf_sock_addr *ctx, int v6)
+{
+	struct bpf_sock_addr_kern *kctx = bpf_cast_to_kern_ctx(ctx);
+	struct netmon_udp_key k = {};
+	struct netmon_event *v;
+	__u64 id = bpf_get_current_pid_tgid();
+
+	k.pid = id >> 32;
+	k.family = ctx->user_family;
+	k.port = bpf_ntohs(ctx->user_port);
+	if (v6) {
+		k.addr[0] = ctx->user_ip6[0];
+		k.addr[1] = ctx->user_ip6[1];
+		k.addr[2] = ctx->user_ip6[2];
+		k.addr[3] = ctx->user_ip6[3];
+	} else {
+		k.addr[0] = ctx->user_ip4;
+	}
+	v = bpf_map_lookup_elem(&udp_flows, &k);
+	if (v) {
+		__sync_fetch_and_add(&v->packets, 1);
+		return;
+	}
+	v = bpf_map_lookup_elem(&scratch_event, &(__u32){0});
+	if (!v)
+		return;
+	__builtin_memset(v, 0, sizeof(*v));
+	v->ts_ns = bpf_ktime_get_boot_ns();
+	v->cgroup_id = bpf_get_current_cgroup_id();
+	v->pid = k.pid;
+	v->tid = (__u32)id;
+	v->uid = (__u32)bpf_get_current_uid_gid();
+	bpf_get_current_comm(v->comm, sizeof(v->comm));
+	v->packets = 1;
+	v->kind = NETMON_KIND_UDP_SEND;
+	v->backend = NETMON_BACKEND_CGROUP;
+	v->family = k.family;
+	v->port = k.port;
+	v->sock_type = ctx->type;
+	v->protocol = ctx->protocol;
+	v->flags = NETMON_F_NO_RESULT;
+	v->net_ns = BPF_CORE_READ(kctx, sk, __sk_common.skc_net.net, ns.inum);
+	__builtin_memcpy(v->addr, k.addr, 16);
+	v->addr_len = v6 ? 16 : 4;
+	if (bpf_map_update_elem(&udp_flows, &k, v, BPF_NOEXIST) == 0)
+		return;
+	/* another CPU created it meanwhile, or the map is full */
+	v = bpf_map_lookup_elem(&udp_flows, &k);
+	if (v)
+		__sync_fetch_and_add(&v->packets, 1);
+	else
+		count_drop(NETMON_DROP_UDP_FLOWS_FULL);
+}
+
+SEC("cgroup/sendmsg4")
+int netmon_cg_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	udp_send(ctx, 0);
+	return 1;
+}
+
+SEC("cgroup/sendmsg6")
+int netmon_cg_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	udp_send(ctx, 1);
+	return 1;
 }

@@ -39,7 +39,16 @@ enum netmon_drop {
 	NETMON_DROP_INFLIGHT_FULL = 1, /* enter could not store its pending sockaddr */
 	NETMON_DROP_NO_ENTER = 2, /* exit without a matching enter */
 	NETMON_DROP_OUTCOME = 3, /* a TCP outcome found the ring full (its event stays pending) */
-	NETMON_DROP_MAX = 4,
+	NETMON_DROP_UDP_FLOWS_FULL = 4, /* a UDP send's (process, destination) found no room */
+	NETMON_DROP_MAX = 5,
+};
+
+/* key of the udp_flows map the consumer sweeps: one entry per (process, destination) */
+struct netmon_udp_key {
+	__u32 pid;
+	__u16 family;
+	__u16 port;
+	__u32 addr[4];
 };
 
 struct netmon_event {

@@ -96,6 +96,8 @@ cdef extern from "consumer.h" nogil:
         int paused
         uint64_t last_poll_ns
         int error
+        int udp_fd
+        nm_store *store
     int nm_poll_loop(bpf.ring_buffer *rb, nm_poll_state *state, int timeout_ms)
     uint64_t nm_boot_ns()
     void nm_log_install(int keep_debug)
@@ -121,7 +123,17 @@ __version__ = NETMON_VERSION.decode()
 RECORD_SIZE = sizeof(netmon_event)
 COMM_LEN = NETMON_COMM_LEN
 ADDR_LEN = NETMON_ADDR_LEN
-DROP_REASONS = ("ringbuf_full", "inflight_full", "no_enter", "outcome_ringbuf_full")
+DROP_REASONS = ("ringbuf_full", "inflight_full", "no_enter", "outcome_ringbuf_full",
+                "udp_flows_full")
+# the programs of each backend (bpf/netmon.bpf.c); the TCP outcome program serves both
+PROGRAMS = {
+    "syscall": ("netmon_connect_enter", "netmon_connect_exit", "netmon_tcp_state"),
+    "cgroup": ("netmon_cg_connect4", "netmon_cg_connect6", "netmon_cg_connect_unix",
+               "netmon_tcp_state"),
+}
+UDP_SEND_PROGRAMS = ("netmon_cg_sendmsg4", "netmon_cg_sendmsg6")
+BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+BPF_CGROUP_UNIX_CONNECT = 49  # Linux 6.7+; not in libbpf 1.1's headers
 TOP_BY = ("destination", "command", "pid", "port", "error")
 assert len(DROP_REASONS) == NETMON_DROP_MAX
 
@@ -334,17 +346,34 @@ cdef class Probe:
         memset(&self.st, 0, sizeof(self.st))
 
     def __init__(self, Store store not None, uint32_t ringbuf_bytes, uint64_t wakeup_bytes,
-                 bint debug=False):
+                 bint debug=False, str backend="syscall", bint udp_sends=False,
+                 bint unix_hook=True):
+        """Open and load the programs `backend` needs (+ the UDP send hooks); unix_hook:
+        the kernel has BPF_CGROUP_UNIX_CONNECT (cgroup backend only)."""
         cdef bpf.bpf_map *m
+        cdef bpf.bpf_program *p = NULL
         cdef size_t sz = 0
         cdef int err
         self.store = store
         self.attached = []
+        self.st.udp_fd = -1
+        self.st.store = store.ptr()
         nm_log_install(debug)
         nm_log_clear()
         self.obj = bpf.bpf_object__open_mem(netmon_bpf_obj, netmon_bpf_obj_len, NULL)
         if self.obj == NULL:
             raise OSError(errno, "cannot open the embedded BPF object")
+        wanted = set(PROGRAMS[backend]) | (set(UDP_SEND_PROGRAMS) if udp_sends else set())
+        if not unix_hook:
+            wanted.discard("netmon_cg_connect_unix")
+        while True:
+            p = bpf.bpf_object__next_program(self.obj, p)
+            if p == NULL:
+                break
+            bpf.bpf_program__set_autoload(p, bpf.bpf_program__name(p).decode() in wanted)
+        p = bpf.bpf_object__find_program_by_name(self.obj, b"netmon_cg_connect_unix")
+        bpf.bpf_program__set_type(p, BPF_PROG_TYPE_CGROUP_SOCK_ADDR)
+        bpf.bpf_program__set_expected_attach_type(p, BPF_CGROUP_UNIX_CONNECT)
         m = bpf.bpf_object__find_map_by_name(self.obj, "events")
         err = bpf.bpf_map__set_max_entries(m, ringbuf_bytes)
         if err:
@@ -363,29 +392,40 @@ cdef class Probe:
             _on_record, store.ptr(), NULL)
         if self.rb == NULL:
             raise OSError(errno, "cannot set up the ring buffer consumer")
+        if udp_sends:
+            self.st.udp_fd = bpf.bpf_map__fd(bpf.bpf_object__find_map_by_name(self.obj,
+                                                                             "udp_flows"))
 
-    def attach(self):
-        """Attach every program: enter before exit, so no exit arrives unpaired."""
+    def attach(self, int cgroup_fd=-1):
+        """Attach every loaded program: tracepoints; cgroup hooks to cgroup_fd (bpf links:
+        released when the process dies). Enter before exit, so no exit arrives unpaired."""
         cdef bpf.bpf_program *p = NULL
         cdef bpf.bpf_link *link
+        cdef bint cgroup
         progs = []
         while True:
             p = bpf.bpf_object__next_program(self.obj, p)
             if p == NULL:
                 break
-            progs.append(<size_t>p)
+            if bpf.bpf_program__fd(p) >= 0:
+                progs.append(<size_t>p)
         progs.sort(key=lambda q: b"exit" in bpf.bpf_program__name(<bpf.bpf_program *><size_t>q))
         for q in progs:
             p = <bpf.bpf_program *><size_t>q
+            name = bpf.bpf_program__name(p).decode()
+            cgroup = name.startswith("netmon_cg_")
+            if cgroup and cgroup_fd < 0:
+                raise OSError(22, f"{name} needs a cgroup to attach to")
             with nogil:
-                link = bpf.bpf_program__attach(p)
+                link = (bpf.bpf_program__attach_cgroup(p, cgroup_fd) if cgroup
+                        else bpf.bpf_program__attach(p))
             if link == NULL:
                 err = errno
                 self.detach()
-                raise OSError(err, "cannot attach " + bpf.bpf_program__name(p).decode())
+                raise OSError(err, "cannot attach " + name)
             self.links[self.nlinks] = link
             self.nlinks += 1
-            self.attached.append(bpf.bpf_program__name(p).decode())
+            self.attached.append(name)
 
     def detach(self):
         """Destroy the links, newest first (enter goes before exit)."""
@@ -448,6 +488,8 @@ cdef class Probe:
             p = bpf.bpf_object__next_program(self.obj, p)
             if p == NULL:
                 break
+            if bpf.bpf_program__fd(p) < 0:
+                continue  # not loaded: another backend's
             memset(&info, 0, sizeof(info))
             n = sizeof(info)
             if bpf.bpf_obj_get_info_by_fd(bpf.bpf_program__fd(p), &info, &n) == 0:

@@ -4,8 +4,13 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <stdlib.h>
 #include <time.h>
+#include <bpf/bpf.h>
 #include "consumer.h"
+
+#define UDP_SWEEP_NS 100000000ull /* sweep udp_flows every 100 ms */
+#define UDP_WINDOW_NS 1000000000ull /* one udp_send event per destination per second */
 
 uint64_t nm_boot_ns(void)
 {
@@ -13,6 +18,35 @@ uint64_t nm_boot_ns(void)
 
 	clock_gettime(CLOCK_BOOTTIME, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
+}
+
+int nm_udp_sweep(int fd, struct nm_store *store, uint64_t min_age_ns)
+{
+	struct netmon_udp_key *keys = malloc(4096 * sizeof(*keys)), *prev = NULL;
+	struct netmon_event ev;
+	uint64_t now = nm_boot_ns();
+	int n = 0, made = 0;
+
+	if (!keys)
+		return -ENOMEM;
+	/* collect first: deleting while walking would restart the walk */
+	while (n < 4096 && bpf_map_get_next_key(fd, prev, &keys[n]) == 0) {
+		prev = &keys[n];
+		n++;
+	}
+	for (int i = 0; i < n; i++) {
+		if (bpf_map_lookup_elem(fd, &keys[i], &ev) || now - ev.ts_ns < min_age_ns)
+			continue;
+		/* atomic: a datagram counted after this lands in a new entry */
+		if (bpf_map_lookup_and_delete_elem(fd, &keys[i], &ev) == 0) {
+			ev.ts_ns = nm_boot_ns(); /* stamped when its window closes, so the ring's
+						    timestamps keep rising */
+			nm_store_push(store, &ev, sizeof(ev));
+			made++;
+		}
+	}
+	free(keys);
+	return made;
 }
 
 int nm_poll_loop(struct ring_buffer *rb, struct nm_poll_state *st, int timeout_ms)
@@ -34,9 +68,15 @@ int nm_poll_loop(struct ring_buffer *rb, struct nm_poll_state *st, int timeout_m
 			err = 0;
 		}
 		st->last_poll_ns = nm_boot_ns();
+		if (st->udp_fd >= 0 && st->last_poll_ns - st->udp_swept_ns >= UDP_SWEEP_NS) {
+			nm_udp_sweep(st->udp_fd, st->store, UDP_WINDOW_NS);
+			st->udp_swept_ns = st->last_poll_ns;
+		}
 	}
 	if (!err && !st->paused)
 		ring_buffer__consume(rb); /* what arrived before detach */
+	if (st->udp_fd >= 0)
+		nm_udp_sweep(st->udp_fd, st->store, 0); /* and every open UDP window */
 	st->error = err;
 	return err;
 }

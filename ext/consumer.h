@@ -6,13 +6,21 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <bpf/libbpf.h>
+#include "store.h"
 
 struct nm_poll_state {
 	volatile int stop;            /* set by another thread: leave the loop */
 	volatile int paused;          /* tests: leave records in the ring */
 	volatile uint64_t last_poll_ns; /* CLOCK_BOOTTIME of the last completed drain */
 	volatile int error;           /* -errno that ended the loop, 0 if none */
+	int udp_fd;                   /* the udp_flows map to sweep into store; -1: none */
+	struct nm_store *store;
+	uint64_t udp_swept_ns;        /* when the last sweep ran */
 };
+
+/* Move every udp_flows entry whose first datagram is at least min_age_ns old into the
+ * store as one udp_send event (packets = the count). Returns events made or -errno. */
+int nm_udp_sweep(int map_fd, struct nm_store *store, uint64_t min_age_ns);
 
 /* Drain `rb` until state->stop: wait up to timeout_ms for a wake-up, then consume
  * whatever waits (records are submitted without wake-ups, so poll alone would miss

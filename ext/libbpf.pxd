@@ -32,6 +32,11 @@ cdef extern from "<bpf/libbpf.h>" nogil:
     const char *bpf_program__name(const bpf_program *prog)
     int bpf_program__fd(const bpf_program *prog)
     bpf_link *bpf_program__attach(const bpf_program *prog)
+    bpf_link *bpf_program__attach_cgroup(const bpf_program *prog, int cgroup_fd)
+    int bpf_program__set_autoload(bpf_program *prog, bint autoload)
+    int bpf_program__set_type(bpf_program *prog, int type)
+    int bpf_program__set_expected_attach_type(bpf_program *prog, int type)
+    bpf_program *bpf_object__find_program_by_name(const bpf_object *obj, const char *name)
     int bpf_link__destroy(bpf_link *link)
 
     int bpf_map__fd(const bpf_map *map)

@@ -138,7 +138,7 @@ class Event(NamedTuple):
                    if ret < 0 and not flags & NETMON_F_NO_RESULT else None),
             truncated=truncated, ts_ns=ts_ns, kind=KINDS.get(kind, str(kind)),
             backend=BACKENDS.get(backend, str(backend)), net_ns=net_ns or None,
-            outcome=_outcome(outcome, ret, flags, protocol),
+            outcome=_outcome(outcome, ret, flags, protocol) if kind != 2 else None,
             latency_us=latency_us or None, packets=packets if kind == 2 else None)
 
     @property

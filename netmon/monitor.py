@@ -24,6 +24,7 @@ STALL_SECONDS = 2.0  # a poll loop silent this long is unhealthy
 TRACEFS = "/sys/kernel/tracing"
 CONNECT_TP = "events/syscalls/sys_enter_connect"
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+BACKENDS = ("syscall", "cgroup", "auto")
 
 
 
@@ -72,6 +73,26 @@ def preflight() -> None:
     _ensure_tracefs()
 
 
+def cgroup2_root() -> Optional[str]:
+    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or .../unified on hybrid
+    hosts); None if it is not."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split(" ", 1)[0] == "cgroup2":
+                return left.split()[4]
+    return None
+
+
+def _kernel_btf_has(*names: bytes) -> List[bool]:
+    try:
+        with open("/sys/kernel/btf/vmlinux", "rb") as f:
+            btf = f.read()
+    except OSError:
+        return [False] * len(names)
+    return [n in btf for n in names]
+
+
 def _load_error(e: OSError) -> MonitorError:
     tail = _core.libbpf_log_tail(3000).strip()
     if e.errno in (errno.EPERM, errno.EACCES):
@@ -107,11 +128,17 @@ class Monitor:
     """
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY,
-                 ringbuf_bytes: int = DEFAULT_RINGBUF_BYTES, *,
-                 wakeup_bytes: int = DEFAULT_WAKEUP_BYTES, debug: bool = False):
+                 ringbuf_bytes: int = DEFAULT_RINGBUF_BYTES, *, backend: str = "syscall",
+                 udp_sends: bool = False, wakeup_bytes: int = DEFAULT_WAKEUP_BYTES,
+                 debug: bool = False):
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.capacity = capacity
+        self.backend = backend  # "auto" is resolved by start()
+        self.udp_sends = udp_sends
+        self.missing_hooks: List[str] = []  # hooks this kernel lacks
         self.ringbuf_bytes = _check_ringbuf(ringbuf_bytes)
         self.wakeup_bytes = wakeup_bytes
         self.debug = debug
@@ -129,16 +156,32 @@ class Monitor:
             if self._probe is not None:
                 return self
             preflight()
+            kfunc, unix_hook = _kernel_btf_has(b"bpf_cast_to_kern_ctx", b"BPF_CGROUP_UNIX_CONNECT")
+            cgroot = cgroup2_root()
+            if self.backend == "auto":
+                self.backend = "cgroup" if kfunc and cgroot else "syscall"
+            if (self.backend == "cgroup" or self.udp_sends) and not (kfunc and cgroot):
+                raise MonitorError(
+                    "the cgroup hooks need cgroup v2 mounted and Linux 6.2+ "
+                    f"(bpf_cast_to_kern_ctx){'' if cgroot else ': no cgroup2 mount found'}; "
+                    "use --backend syscall")
+            self.missing_hooks = [] if unix_hook or self.backend != "cgroup" else [
+                "cgroup/connect_unix (Linux 6.7+): unix connects are not seen"]
             try:
-                probe = _core.Probe(self._store, self.ringbuf_bytes, self.wakeup_bytes, self.debug)
+                probe = _core.Probe(self._store, self.ringbuf_bytes, self.wakeup_bytes,
+                                    self.debug, self.backend, self.udp_sends, unix_hook)
             except OSError as e:
                 raise _load_error(e) from None
+            cgfd = os.open(cgroot, os.O_RDONLY | os.O_DIRECTORY) if cgroot else -1
             try:
-                probe.attach()
+                probe.attach(cgfd)
             except OSError as e:
                 probe.close()
                 raise MonitorError(f"{e.strerror}: {os.strerror(e.errno or 0)}; is tracefs "
-                                   f"mounted at {TRACEFS}?") from None
+                                   f"mounted at {TRACEFS}, and cgroup v2 at {cgroot}?") from None
+            finally:
+                if cgfd >= 0:
+                    os.close(cgfd)  # the links hold the cgroup
             self._probe = probe
             self._poll_error = 0
             self._thread = threading.Thread(target=self._poll, name="netmon-poll", daemon=True)
@@ -281,7 +324,10 @@ class Monitor:
                                  if oldest is not None else None),
             "poll_lag_seconds": self.poll_lag(),
             "attached": probe is not None,
+            "backend": self.backend,
+            "udp_sends": self.udp_sends,
             "programs": self.programs,
+            "missing_hooks": self.missing_hooks,
             "uptime_seconds": (time.monotonic() - self.started_at) if self.started_at else 0.0,
         }
 
