@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Iterator, List, Optional, Tuple
 
-from . import _core
+from . import _core, privilege
 from .event import Event, to_datetime, wall_offset_ns
 from .filters import FilterError, compile_filter
 
@@ -130,6 +130,7 @@ class Monitor:
     def __init__(self, capacity: int = DEFAULT_CAPACITY,
                  ringbuf_bytes: int = DEFAULT_RINGBUF_BYTES, *, backend: str = "syscall",
                  udp_sends: bool = False, wakeup_bytes: int = DEFAULT_WAKEUP_BYTES,
+                 drop_privileges: bool = False, user: Optional[str] = None,
                  debug: bool = False):
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
@@ -138,6 +139,9 @@ class Monitor:
         self.capacity = capacity
         self.backend = backend  # "auto" is resolved by start()
         self.udp_sends = udp_sends
+        # after attaching, give up every capability (and become `user`): see privilege.py
+        self.drop_privileges = drop_privileges or user is not None
+        self.user = user
         self.missing_hooks: List[str] = []  # hooks this kernel lacks
         self.ringbuf_bytes = _check_ringbuf(ringbuf_bytes)
         self.wakeup_bytes = wakeup_bytes
@@ -182,6 +186,12 @@ class Monitor:
             finally:
                 if cgfd >= 0:
                     os.close(cgfd)  # the links hold the cgroup
+            if self.drop_privileges:  # before the poll thread: capabilities are per thread
+                try:
+                    privilege.drop_privileges(self.user)
+                except OSError as e:
+                    probe.close()
+                    raise MonitorError(f"cannot drop privileges: {e.strerror}") from None
             self._probe = probe
             self._poll_error = 0
             self._thread = threading.Thread(target=self._poll, name="netmon-poll", daemon=True)
@@ -328,6 +338,7 @@ class Monitor:
             "udp_sends": self.udp_sends,
             "programs": self.programs,
             "missing_hooks": self.missing_hooks,
+            "capabilities": privilege.held_capabilities(),
             "uptime_seconds": (time.monotonic() - self.started_at) if self.started_at else 0.0,
         }
 

@@ -228,3 +228,39 @@ def test_killed_process_leaves_nothing_attached():
         time.sleep(0.05)
     assert not ids & {p["id"] for p in _bpftool("prog", "list")}
     assert not ids & {link.get("prog_id") for link in _bpftool("link", "list")}
+
+
+def test_privileges_dropped_after_attach_and_capture_goes_on():
+    """In a child: attach, drop every capability and become nobody, still capture."""
+    code = ("import json, socket, time, netmon\n"
+            "m = netmon.Monitor(capacity=1024, user='nobody').start()\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "s.connect(('127.0.0.1', 9))\n"
+            "time.sleep(0.1)\n"
+            "st = m.stats()\n"
+            "import os\n"
+            "print(json.dumps({'uid': os.getuid(), 'caps': st['capabilities'],\n"
+            "                  'ok': m.health()[0],\n"
+            "                  'mine': m.count(pid=os.getpid(), protocol='udp')}))\n"
+            "m.stop()\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    got = json.loads(out.stdout)
+    assert got == {"uid": 65534, "caps": [], "ok": True, "mine": 1}
+
+
+def test_runs_with_only_cap_bpf_and_cap_perfmon():
+    code = ("import ctypes, json, os, socket, time\n"
+            "from netmon.privilege import _Header, _Data, held_capabilities\n"
+            "data = (_Data * 2)()\n"
+            "data[1].effective = data[1].permitted = (1 << 6) | (1 << 7)  # 38, 39\n"
+            "assert ctypes.CDLL(None).capset(ctypes.byref(_Header(0x20080522, 0)), data) == 0\n"
+            "caps = held_capabilities()\n"
+            "import netmon\n"
+            "with netmon.Monitor(capacity=1024) as m:\n"
+            "    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('127.0.0.1', 9))\n"
+            "    time.sleep(0.1)\n"
+            "    print(json.dumps({'caps': caps, 'mine': m.count(pid=os.getpid())}))\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert json.loads(out.stdout) == {"caps": ["perfmon", "bpf"], "mine": 1}
