@@ -51,7 +51,7 @@ def test_every_family_and_tcp_outcomes(cgmon, listeners):  # noqa: F811
         (10, f"[::1]:{L['tcp6']}", "TCP", 0, "established"),
         (2, "127.0.0.1:53", "UDP", None, "unknown"),
         (1, L["path"], "UNIX", None, "unknown"),
-        (1, "@netmon-test-abstract", "UNIX", None, "unknown"),
+        (1, "@" + L["abstract"][1:], "UNIX", None, "unknown"),
         (2, f"127.0.0.1:{L['closed']}", "TCP", -111, "refused"),
         (2, f"127.0.0.1:{L['tcp4']}", "TCP", 0, "established"),
     ]

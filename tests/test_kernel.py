@@ -51,12 +51,13 @@ def listeners():
     unix.bind(path)
     unix.listen(64)
     abstract = socket.socket(socket.AF_UNIX)
-    abstract.bind("\0netmon-test-abstract")
+    abstract_name = f"\0netmon-test-{os.getpid()}"  # unique: tests may run side by side
+    abstract.bind(abstract_name)
     abstract.listen(64)
     closed = socket.socket()  # bound, never listening: connects to it are refused
     closed.bind(("127.0.0.1", 0))
     yield {"tcp4": tcp4.getsockname()[1], "tcp6": tcp6.getsockname()[1], "path": path,
-           "abstract": "\0netmon-test-abstract", "closed": closed.getsockname()[1],
+           "abstract": abstract_name, "closed": closed.getsockname()[1],
            "missing": os.path.join(tmp, "no-such.sock")}
     for s in (tcp4, tcp6, unix, abstract, closed):
         s.close()
@@ -88,7 +89,7 @@ def test_every_kind_of_connect_every_field(mon, listeners):
         (10, f"[::1]:{L['tcp6']}", "::1", L["tcp6"], "STREAM", "TCP"),
         (2, "127.0.0.1:53", "127.0.0.1", 53, "DGRAM", "UDP"),
         (1, L["path"], None, None, "STREAM", "UNIX"),
-        (1, "@netmon-test-abstract", None, None, "STREAM", "UNIX"),
+        (1, "@" + L["abstract"][1:], None, None, "STREAM", "UNIX"),
         (2, f"127.0.0.1:{L['closed']}", "127.0.0.1", L["closed"], "STREAM", "TCP"),
         (2, f"127.0.0.1:{L['tcp4']}", "127.0.0.1", L["tcp4"], "STREAM", "TCP"),
         (1, L["missing"], None, None, "STREAM", "UNIX"),
