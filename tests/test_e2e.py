@@ -58,7 +58,11 @@ def prog_ids_held_by(pid):
     """The BPF program ids a process holds open (program and link fds both name them)."""
     ids = set()
     for info in Path(f"/proc/{pid}/fdinfo").iterdir():
-        m = re.search(r"^prog_id:\s*(\d+)$", info.read_text(), re.M)
+        try:
+            text = info.read_text()
+        except FileNotFoundError:  # a connection's fd, closed since the listing
+            continue
+        m = re.search(r"^prog_id:\s*(\d+)$", text, re.M)
         if m:
             ids.add(int(m.group(1)))
     return ids
