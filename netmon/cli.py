@@ -12,7 +12,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from . import __version__
 from .api import make_app
-from .monitor import DEFAULT_CAPACITY, DEFAULT_RINGBUF_BYTES, Monitor, MonitorError
+from .monitor import BACKENDS, DEFAULT_CAPACITY, DEFAULT_RINGBUF_BYTES, Monitor, MonitorError
 from .server import Server, ServerError, ShutdownSignals
 
 log = logging.getLogger("netmon")
@@ -71,6 +71,12 @@ def _bool(text: str) -> bool:
     return value in ("1", "true", "yes", "on")
 
 
+def _backend(text: str) -> str:
+    if text.lower() not in BACKENDS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(BACKENDS)}")
+    return text.lower()
+
+
 def _level(text: str) -> str:
     if text.lower() not in LOG_LEVELS:
         raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
@@ -82,6 +88,8 @@ SETTINGS: Dict[str, Tuple[str, Callable, object]] = {
     "addr": ("NETMON_ADDR", parse_addr, parse_addr(DEFAULT_ADDR)),
     "capacity": ("NETMON_CAPACITY", _count, DEFAULT_CAPACITY),
     "ringbuf_size": ("NETMON_RINGBUF_SIZE", _count, DEFAULT_RINGBUF_BYTES),
+    "backend": ("NETMON_BACKEND", _backend, "syscall"),
+    "udp_sends": ("NETMON_UDP_SENDS", _bool, False),
     "log_level": ("NETMON_LOG_LEVEL", _level, "info"),
     "debug": ("NETMON_DEBUG", _bool, False),
 }
@@ -101,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ringbuf-size", type=_count, metavar="BYTES",
                    help=f"kernel ring buffer size, a power of two "
                         f"(default {DEFAULT_RINGBUF_BYTES}; env NETMON_RINGBUF_SIZE)")
+    p.add_argument("--backend", type=_backend, metavar="NAME",
+                   help="syscall (tracepoints on connect), cgroup (hooks on the cgroup v2 "
+                        "root: no cost to other syscalls, sees io_uring) or auto (cgroup "
+                        "where the kernel has it) (default syscall; env NETMON_BACKEND)")
+    p.add_argument("--udp-sends", action="store_true", default=None,
+                   help="also count unconnected UDP datagrams (sendto), one event per "
+                        "process and destination per second (env NETMON_UDP_SENDS=1)")
     p.add_argument("--log-level", type=_level, metavar="LEVEL",
                    help=f"one of {', '.join(LOG_LEVELS)} (default info; env NETMON_LOG_LEVEL)")
     p.add_argument("--debug", action="store_true", default=None,
@@ -147,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
     log.setLevel(level.upper())
     host, port = args.addr
     try:
-        monitor = Monitor(capacity=args.capacity, ringbuf_bytes=args.ringbuf_size)
+        monitor = Monitor(capacity=args.capacity, ringbuf_bytes=args.ringbuf_size,
+                          backend=args.backend, udp_sends=args.udp_sends)
     except ValueError as e:
         return _fail(f"{e} (see netmon --help)", EXIT_USAGE)
     except MemoryError as e:
@@ -172,9 +188,11 @@ def run(args: argparse.Namespace) -> int:
             if level == "debug":
                 threading.Thread(target=_log_events, args=(monitor,), name="netmon-debug",
                                  daemon=True).start()
-            print(f"netmon {__version__} listening on {server.url}; attached "
-                  f"{', '.join(monitor.programs)}; storing up to {monitor.capacity} events",
-                  flush=True)
+            print(f"netmon {__version__} listening on {server.url}; {monitor.backend} backend, "
+                  f"attached {', '.join(monitor.programs)}; storing up to "
+                  f"{monitor.capacity} events", flush=True)
+            for missing in monitor.missing_hooks:
+                log.warning("not available on this kernel: %s", missing)
             log.info("%s received, shutting down", signals.wait().name)
         finally:
             server.stop()
