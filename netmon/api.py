@@ -8,6 +8,7 @@ import datetime as _dt
 import json
 import logging
 import re
+from typing import Callable, Optional
 
 import bottle
 
@@ -105,8 +106,12 @@ class _App(bottle.Bottle):
         return error_body(res.status_code, message)
 
 
-def make_app(monitor: Monitor) -> bottle.Bottle:
-    """A Bottle app answering questions about `monitor`'s events; it never changes them."""
+def make_app(monitor: Monitor, server_stats: Optional[Callable[[], dict]] = None
+             ) -> bottle.Bottle:
+    """A Bottle app answering questions about `monitor`'s events; it never changes them.
+    server_stats: the HTTP layer's counters (auth failures, ...) for /api/stats and
+    /metrics."""
+    server_stats = server_stats or dict
     app = _App()
     app.install(_log_faults)
 

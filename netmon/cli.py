@@ -13,13 +13,16 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 from . import __version__
 from .api import make_app
 from .monitor import BACKENDS, DEFAULT_CAPACITY, DEFAULT_RINGBUF_BYTES, Monitor, MonitorError
-from .server import Server, ServerError, ShutdownSignals
+from . import systemd
+from .security import Guard, SecurityError, is_loopback, read_token
+from .server import Server, ServerError, ShutdownSignals, host_port
 
 log = logging.getLogger("netmon")
 
 DEFAULT_ADDR = "127.0.0.1:8080"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 EXIT_RUNTIME, EXIT_USAGE = 1, 2
+FAULT_ENV = "NETMON_TEST_POLL_FAILURE_AFTER"  # tests: seconds until the poll thread fails
 
 EPILOG = """\
 examples:
@@ -91,6 +94,12 @@ SETTINGS: Dict[str, Tuple[str, Callable, object]] = {
     "backend": ("NETMON_BACKEND", _backend, "syscall"),
     "udp_sends": ("NETMON_UDP_SENDS", _bool, False),
     "log_level": ("NETMON_LOG_LEVEL", _level, "info"),
+    "auth_token_file": ("NETMON_AUTH_TOKEN_FILE", str, None),
+    "allow_unauthenticated_remote": ("NETMON_ALLOW_UNAUTHENTICATED_REMOTE", _bool, False),
+    "cors_origin": ("NETMON_CORS_ORIGIN", str, ""),
+    "tls_cert": ("NETMON_TLS_CERT", str, None),
+    "tls_key": ("NETMON_TLS_KEY", str, None),
+    "user": ("NETMON_USER", str, None),
     "debug": ("NETMON_DEBUG", _bool, False),
 }
 
@@ -120,6 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one of {', '.join(LOG_LEVELS)} (default info; env NETMON_LOG_LEVEL)")
     p.add_argument("--debug", action="store_true", default=None,
                    help="log every captured event and every API request (env NETMON_DEBUG=1)")
+    sec = p.add_argument_group("access and privilege")
+    sec.add_argument("--auth-token-file", metavar="PATH",
+                     help="require 'Authorization: Bearer <token>' on every path but /health; "
+                          "the file must be mode 600 (env NETMON_AUTH_TOKEN_FILE); needed to "
+                          "listen on a non-loopback address")
+    sec.add_argument("--allow-unauthenticated-remote", action="store_true", default=None,
+                     help="listen on a non-loopback address without a token: anyone who can "
+                          "reach the port sees every process's destinations "
+                          "(env NETMON_ALLOW_UNAUTHENTICATED_REMOTE=1)")
+    sec.add_argument("--cors-origin", metavar="ORIGINS",
+                     help="comma-separated origins allowed to read the API from a browser "
+                          "(default none; env NETMON_CORS_ORIGIN)")
+    sec.add_argument("--tls-cert", metavar="PATH", help="serve HTTPS with this certificate "
+                     "(PEM; with --tls-key; env NETMON_TLS_CERT)")
+    sec.add_argument("--tls-key", metavar="PATH", help="the certificate's private key "
+                     "(PEM; env NETMON_TLS_KEY)")
+    sec.add_argument("--user", metavar="NAME",
+                     help="switch to this user once the programs are attached (every "
+                          "capability is dropped then anyway; env NETMON_USER)")
     p.add_argument("--version", action="version", version=f"netmon {__version__}")
     return p
 
@@ -161,21 +189,41 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(level.upper())
     host, port = args.addr
+    if bool(args.tls_cert) != bool(args.tls_key):
+        return _fail("--tls-cert and --tls-key go together (see netmon --help)", EXIT_USAGE)
+    try:
+        token = read_token(args.auth_token_file) if args.auth_token_file else None
+    except SecurityError as e:
+        return _fail(str(e), EXIT_USAGE)
+    loopback = is_loopback(host)
+    if not loopback and token is None and not args.allow_unauthenticated_remote:
+        return _fail(f"refusing to listen on {host_port(host, port)} without authentication: "
+                     "netmon shows every process's network destinations; configure a token "
+                     "with --auth-token-file (or NETMON_AUTH_TOKEN_FILE), or pass "
+                     "--allow-unauthenticated-remote to accept the risk", EXIT_USAGE)
     try:
         monitor = Monitor(capacity=args.capacity, ringbuf_bytes=args.ringbuf_size,
-                          backend=args.backend, udp_sends=args.udp_sends)
+                          backend=args.backend, udp_sends=args.udp_sends,
+                          drop_privileges=True, user=args.user)
     except ValueError as e:
         return _fail(f"{e} (see netmon --help)", EXIT_USAGE)
     except MemoryError as e:
         return _fail(f"{e}; lower --capacity", EXIT_RUNTIME)
-    server = Server(make_app(monitor), host, port)
+    guard = Guard(None, token=token, check_host=loopback,
+                  cors_origins=[o.strip() for o in args.cors_origin.split(",") if o.strip()])
+    guard.app = make_app(monitor, server_stats=guard.stats)
+    try:
+        server = Server(guard, host, port,
+                        tls=(args.tls_cert, args.tls_key) if args.tls_cert else None)
+    except ServerError as e:
+        return _fail(str(e), EXIT_USAGE)
     with ShutdownSignals() as signals:
         try:
             server.bind()  # before loading BPF, so a busy port fails fast
         except ServerError as e:
             return _fail(str(e), EXIT_RUNTIME)
         try:
-            monitor.start()
+            monitor.start()  # attaches, then drops every capability (and becomes --user)
         except MonitorError as e:
             server.stop()
             cause, _, detail = str(e).partition("\n")
@@ -183,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
                 log.debug("%s", detail)
                 cause += " (--debug shows the verifier log)"
             return _fail(cause, EXIT_RUNTIME)
+        code = 0
         try:
             server.start()
             if level == "debug":
@@ -193,11 +242,29 @@ def run(args: argparse.Namespace) -> int:
                   f"{monitor.capacity} events", flush=True)
             for missing in monitor.missing_hooks:
                 log.warning("not available on this kernel: %s", missing)
-            log.info("%s received, shutting down", signals.wait().name)
+            systemd.notify("READY=1")
+            code = _serve_until_stopped(monitor, signals)
         finally:
+            systemd.notify("STOPPING=1")
             server.stop()
             monitor.stop()
-    return 0
+    return code
+
+
+def _serve_until_stopped(monitor: Monitor, signals: ShutdownSignals) -> int:
+    """Until SIGTERM/SIGINT (exit 0), or until the poll thread dies (exit 1): serving
+    data that silently stopped updating would be worse than stopping."""
+    fault = os.environ.get(FAULT_ENV)
+    if fault:  # tests only: make the poll thread fail after this many seconds
+        threading.Timer(float(fault), monitor._inject_poll_failure).start()
+    while True:
+        sig = signals.wait(timeout=1.0)
+        if sig is not None:
+            log.info("%s received, shutting down", sig.name)
+            return 0
+        if not monitor.polling:
+            log.error("capture stopped: %s; exiting", monitor.health()[1])
+            return EXIT_RUNTIME
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

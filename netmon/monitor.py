@@ -240,6 +240,16 @@ class Monitor:
         probe = self._probe
         return probe.prog_stats() if probe is not None else {}
 
+    @property
+    def polling(self) -> bool:
+        """The poll thread is alive and has not failed."""
+        return self._thread is not None and self._thread.is_alive() and not self._poll_error
+
+    def _inject_poll_failure(self) -> None:
+        """Tests only: make the poll loop end as if the ring buffer had failed."""
+        self._poll_error = -errno.EIO
+        self._probe.stop()
+
     def _pause(self, paused: bool) -> None:
         """Tests only: stop draining the ring buffer (records pile up, then drop, counted)."""
         self._probe.pause(paused)
@@ -352,7 +362,7 @@ class Monitor:
     def health(self) -> Tuple[bool, Optional[str]]:
         if self._probe is None:
             return False, "the BPF programs are not attached"
-        if self._poll_error or not self._thread.is_alive():
+        if not self.polling:
             return False, f"the poll thread stopped ({os.strerror(-self._poll_error or 0)})"
         lag = self.poll_lag()
         if lag > STALL_SECONDS:

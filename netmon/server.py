@@ -9,14 +9,17 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import signal
 import threading
+import time
 from typing import Optional, Tuple
 
 import bottle
 from cheroot import errors as cheroot_errors
 from cheroot import server as cheroot_server
 from cheroot import wsgi
+from cheroot.ssl.builtin import BuiltinSSLAdapter
 
 from .api import MAX_BODY_BYTES, error_body
 
@@ -69,6 +72,19 @@ class _WSGIServer(wsgi.Server):
             self.bind_error = e
             raise
 
+    def prepare(self):
+        """Bind and listen, but leave the worker threads to serve(): netmon drops its
+        capabilities between the two, and capabilities are per thread."""
+        start, self.requests.start = self.requests.start, lambda: None
+        try:
+            super().prepare()
+        finally:
+            self.requests.start = start
+
+    def serve(self):
+        self.requests.start()
+        super().serve()
+
     def error_log(self, msg="", level=logging.INFO, traceback=False):
         log.log(level, "%s", msg, exc_info=traceback)
 
@@ -100,11 +116,18 @@ class Server:
     lets in-flight requests finish (up to SHUTDOWN_TIMEOUT) and joins the thread.
     """
 
-    def __init__(self, app, host: str, port: int, *, threads: int = THREADS):
+    def __init__(self, app, host: str, port: int, *, threads: int = THREADS,
+                 tls: Optional[Tuple[str, str]] = None):
         self._httpd = _WSGIServer((host, port), app, numthreads=threads, max=threads,
                                   request_queue_size=LISTEN_BACKLOG, timeout=SOCKET_TIMEOUT,
                                   shutdown_timeout=SHUTDOWN_TIMEOUT,
                                   accepted_queue_size=ACCEPT_QUEUE, server_name="netmon")
+        if tls is not None:  # (certificate file, key file): cheroot's builtin ssl adapter
+            try:
+                self._httpd.ssl_adapter = BuiltinSSLAdapter(*tls)
+            except (OSError, ValueError) as e:
+                raise ServerError(f"cannot use the TLS certificate {tls[0]} and key {tls[1]}: "
+                                  f"{getattr(e, 'strerror', None) or e}") from None
         self._thread: Optional[threading.Thread] = None
 
     def bind(self) -> None:
@@ -121,7 +144,8 @@ class Server:
 
     @property
     def url(self) -> str:
-        return "http://" + host_port(*self.address)
+        scheme = "https" if self._httpd.ssl_adapter is not None else "http"
+        return f"{scheme}://" + host_port(*self.address)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._httpd.serve, name="netmon-http")
@@ -147,8 +171,13 @@ class ShutdownSignals:
         self._old_fd = signal.set_wakeup_fd(self._w)
         return self
 
-    def wait(self) -> signal.Signals:
+    def wait(self, timeout: Optional[float] = None) -> Optional[signal.Signals]:
+        """The signal that arrived, or None after `timeout` seconds without one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self._r], [], [], left)[0]:
+                return None
             signum = os.read(self._r, 1)[0]
             if signum in SHUTDOWN_SIGNALS:
                 return signal.Signals(signum)

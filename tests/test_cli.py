@@ -71,7 +71,7 @@ def test_busy_port_is_one_line_and_exit_1(capsys):
 
 def test_foreign_address_is_one_line_and_exit_1(capsys):
     """192.0.2.1 (TEST-NET-1) is no local interface's address; nothing is sent."""
-    assert cli.main(["--addr", "192.0.2.1:8080"]) == 1
+    assert cli.main(["--addr", "192.0.2.1:8080", "--allow-unauthenticated-remote"]) == 1
     (line,) = stderr_lines(capsys)
     assert line.startswith("netmon: error: cannot listen on 192.0.2.1:8080: no local interface")
 
