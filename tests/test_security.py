@@ -246,3 +246,32 @@ def test_tracefs_unmounted_at_start_is_mounted():
         assert m.running
     assert os.path.ismount(tracefs)
 
+
+
+def test_service_files_ship_with_the_package():
+    import netmon
+    data = os.path.join(os.path.dirname(netmon.__file__), "data")
+    unit = open(os.path.join(data, "netmon.service")).read()
+    for directive in ("Type=notify", "AmbientCapabilities=", "CapabilityBoundingSet=",
+                      "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes",
+                      "PrivateTmp=yes", "RestrictAddressFamilies=", "MemoryMax=",
+                      "Restart=on-failure"):
+        assert f"\n{directive}" in unit, directive
+    assert "CAP_SYS_ADMIN" not in unit.split("CapabilityBoundingSet=")[1].splitlines()[0]
+    ds = open(os.path.join(data, "netmon-daemonset.yaml")).read()
+    assert "kind: DaemonSet" in ds and 'drop: ["ALL"]' in ds and "/health" in ds
+
+
+@pytest.mark.bpf
+def test_sd_notify_ready_once_listening(tmp_path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = str(tmp_path / "notify")
+    sock.bind(path)
+    sock.settimeout(10)
+    proc, addr, _ = start(env={"NOTIFY_SOCKET": path})
+    try:
+        assert sock.recv(100) == b"READY=1"
+        assert http(f"http://{addr}/health")[0] == 200  # listening by then
+    finally:
+        assert stop(proc) == 0
+    assert sock.recv(100) == b"STOPPING=1"
