@@ -38,6 +38,12 @@ run-dev: build
 test: build
 	$(PY) -m pytest -q
 
+# benchmarks (root; not tests: they print a table against targets, never fail on a figure);
+# BENCH_PAIRS=3 for a quick run. Results: build/bench/results.{md,json}
+.PHONY: bench
+bench: build
+	$(PY) tests/benchmarks/bench_netmon.py
+
 lint: build
 	$(PY) -m pip install -q ruff cython-lint
 	$(VENV)/bin/ruff check netmon tests setup.py
