@@ -53,6 +53,14 @@ def _query() -> dict:
             for k, v in bottle.request.query.items() if v}
 
 
+def _no_duplicate_keys(pairs) -> dict:
+    """{"pid": 1, "pid": 2} is ambiguous: refuse it rather than pick one."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key")
+    return out
+
+
 def _json_object() -> dict:
     """The request body as a JSON object: 411 if chunked, 413 past MAX_BODY_BYTES, 400 if
     not a JSON object."""
@@ -62,8 +70,8 @@ def _json_object() -> dict:
         raise bottle.HTTPError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
     raw = bottle.request.body.read()
     try:
-        body = json.loads(raw)
-    except ValueError:  # includes bad UTF-8
+        body = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except ValueError:  # includes bad UTF-8 and duplicate keys
         raise _bad_request(JSON_MSG) from None
     if not isinstance(body, dict):
         raise _bad_request(JSON_MSG)
@@ -72,7 +80,8 @@ def _json_object() -> dict:
 
 def _command(value) -> str:
     try:
-        ok = isinstance(value, str) and 0 < len(value.encode()) <= COMM_BYTES
+        ok = (isinstance(value, str) and 0 < len(value.encode()) <= COMM_BYTES
+              and "\0" not in value)  # the kernel's comm cannot hold a NUL
     except UnicodeEncodeError:  # a lone surrogate, from a JSON \ud800 escape
         ok = False
     if not ok:

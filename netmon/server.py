@@ -16,6 +16,7 @@ import time
 from typing import Optional, Tuple
 
 import bottle
+from cheroot import connections as cheroot_connections
 from cheroot import errors as cheroot_errors
 from cheroot import server as cheroot_server
 from cheroot import wsgi
@@ -59,6 +60,19 @@ class _Connection(cheroot_server.HTTPConnection):
     RequestHandlerClass = _JSONErrorRequest
 
 
+class _IdleAwareConnections(cheroot_connections.ConnectionManager):
+    """cheroot hands a new connection to a worker at once, so a client that connects and
+    sends nothing holds a worker until the socket timeout: a few hundred idle
+    connections starve everyone. Park new connections in the selector instead, like
+    kept-alive ones, until they send something (and expire them like those)."""
+
+    def _from_server_socket(self, server_socket):
+        conn = super()._from_server_socket(server_socket)
+        if conn is not None:
+            self.put(conn)
+        return None
+
+
 class _WSGIServer(wsgi.Server):
     ConnectionClass = _Connection
     max_request_header_size = MAX_HEADER_BYTES
@@ -80,6 +94,7 @@ class _WSGIServer(wsgi.Server):
             super().prepare()
         finally:
             self.requests.start = start
+        self._connections.__class__ = _IdleAwareConnections
 
     def serve(self):
         self.requests.start()
