@@ -34,8 +34,23 @@ char LICENSE[] SEC("license") = "GPL";
 /* Set by the loader before load (own section, so it sits at offset 0 of its map). */
 struct netmon_config {
 	__u64 wakeup_bytes; /* wake the consumer once this many bytes wait; 0: every record */
+	__u64 scoped;       /* only tasks in the cgroup in scope[0] (and below it) */
 };
 const volatile struct netmon_config netmon_cfg SEC(".rodata.cfg") = { .wakeup_bytes = 65536 };
+
+/* the cgroup netmon watches when netmon_cfg.scoped (syscall backend; the cgroup backend
+ * attaches to it instead) */
+struct {
+	__uint(type, BPF_MAP_TYPE_CGROUP_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} scope SEC(".maps");
+
+static __always_inline int out_of_scope(void)
+{
+	return netmon_cfg.scoped && bpf_current_task_under_cgroup(&scope, 0) != 1;
+}
 
 struct pending {
 	__u8 sa[SA_MAX];
@@ -124,7 +139,7 @@ int netmon_connect_enter(struct trace_event_raw_sys_enter *ctx)
 	const void *uaddr = (const void *)ctx->args[1];
 	__u64 len = (__u32)ctx->args[2];
 
-	if (!p)
+	if (!p || out_of_scope())
 		return 0;
 	p->fd = ctx->args[0];
 	p->addrlen = len;
@@ -180,6 +195,8 @@ int netmon_connect_exit(struct trace_event_raw_sys_exit *ctx)
 	__u64 ts;
 
 	if (!p) {
+		if (out_of_scope())
+			return 0;
 		count_drop(NETMON_DROP_NO_ENTER);
 		return 0;
 	}
@@ -256,7 +273,9 @@ int netmon_tcp_state(struct trace_event_raw_inet_sock_set_state *ctx)
 
 	if (ctx->protocol != IPPROTO_TCP)
 		return 0;
-	if (newstate == TCP_SYN_SENT) {
+	if (newstate == TCP_SYN_SENT) { /* in the connecting task: scope applies here */
+		if (out_of_scope())
+			return 0;
 		now = bpf_ktime_get_boot_ns();
 		bpf_map_update_elem(&syn_sent, &sk, &now, BPF_ANY);
 		return 0;

@@ -347,9 +347,10 @@ cdef class Probe:
 
     def __init__(self, Store store not None, uint32_t ringbuf_bytes, uint64_t wakeup_bytes,
                  bint debug=False, str backend="syscall", bint udp_sends=False,
-                 bint unix_hook=True):
+                 bint unix_hook=True, bint scoped=False):
         """Open and load the programs `backend` needs (+ the UDP send hooks); unix_hook:
-        the kernel has BPF_CGROUP_UNIX_CONNECT (cgroup backend only)."""
+        the kernel has BPF_CGROUP_UNIX_CONNECT (cgroup backend only); scoped: watch only
+        the cgroup given to attach() and below it, not the whole host."""
         cdef bpf.bpf_map *m
         cdef bpf.bpf_program *p = NULL
         cdef size_t sz = 0
@@ -380,9 +381,10 @@ cdef class Probe:
             raise OSError(-err, "cannot size the ring buffer")
         m = bpf.bpf_object__find_map_by_name(self.obj, ".rodata.cfg")
         cfg = <uint64_t *>bpf.bpf_map__initial_value(m, &sz) if m != NULL else NULL
-        if cfg == NULL or sz < sizeof(uint64_t):
+        if cfg == NULL or sz < 2 * sizeof(uint64_t):
             raise OSError(22, "the BPF object has no .rodata.cfg section")
         cfg[0] = wakeup_bytes
+        cfg[1] = scoped
         with nogil:
             err = bpf.bpf_object__load(self.obj)
         if err:
@@ -398,10 +400,15 @@ cdef class Probe:
 
     def attach(self, int cgroup_fd=-1):
         """Attach every loaded program: tracepoints; cgroup hooks to cgroup_fd (bpf links:
-        released when the process dies). Enter before exit, so no exit arrives unpaired."""
+        released when the process dies), which is also the scope when scoped. Enter
+        before exit, so no exit arrives unpaired."""
         cdef bpf.bpf_program *p = NULL
         cdef bpf.bpf_link *link
         cdef bint cgroup
+        cdef uint32_t zero = 0
+        if cgroup_fd >= 0 and bpf.bpf_map_update_elem(bpf.bpf_map__fd(
+                bpf.bpf_object__find_map_by_name(self.obj, "scope")), &zero, &cgroup_fd, 0):
+            raise OSError(errno, "cannot set the cgroup in scope")
         progs = []
         while True:
             p = bpf.bpf_object__next_program(self.obj, p)

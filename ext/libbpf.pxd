@@ -52,6 +52,7 @@ cdef extern from "<bpf/libbpf.h>" nogil:
 
 cdef extern from "<bpf/bpf.h>" nogil:
     int bpf_map_lookup_elem(int fd, const void *key, void *value)
+    int bpf_map_update_elem(int fd, const void *key, const void *value, uint64_t flags)
     int bpf_obj_get_info_by_fd(int bpf_fd, void *info, uint32_t *info_len)
 
 

@@ -93,6 +93,7 @@ SETTINGS: Dict[str, Tuple[str, Callable, object]] = {
     "ringbuf_size": ("NETMON_RINGBUF_SIZE", _count, DEFAULT_RINGBUF_BYTES),
     "backend": ("NETMON_BACKEND", _backend, "syscall"),
     "udp_sends": ("NETMON_UDP_SENDS", _bool, False),
+    "cgroup": ("NETMON_CGROUP", str, None),
     "log_level": ("NETMON_LOG_LEVEL", _level, "info"),
     "auth_token_file": ("NETMON_AUTH_TOKEN_FILE", str, None),
     "allow_unauthenticated_remote": ("NETMON_ALLOW_UNAUTHENTICATED_REMOTE", _bool, False),
@@ -125,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--udp-sends", action="store_true", default=None,
                    help="also count unconnected UDP datagrams (sendto), one event per "
                         "process and destination per second (env NETMON_UDP_SENDS=1)")
+    p.add_argument("--cgroup", metavar="PATH",
+                   help="watch only the processes in this cgroup v2 directory and below it "
+                        "(a container, a systemd unit) instead of the whole host "
+                        "(env NETMON_CGROUP)")
     p.add_argument("--log-level", type=_level, metavar="LEVEL",
                    help=f"one of {', '.join(LOG_LEVELS)} (default info; env NETMON_LOG_LEVEL)")
     p.add_argument("--debug", action="store_true", default=None,
@@ -204,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         monitor = Monitor(capacity=args.capacity, ringbuf_bytes=args.ringbuf_size,
                           backend=args.backend, udp_sends=args.udp_sends,
-                          drop_privileges=True, user=args.user)
+                          drop_privileges=True, user=args.user, cgroup=args.cgroup)
     except ValueError as e:
         return _fail(f"{e} (see netmon --help)", EXIT_USAGE)
     except MemoryError as e:

@@ -131,7 +131,7 @@ class Monitor:
                  ringbuf_bytes: int = DEFAULT_RINGBUF_BYTES, *, backend: str = "syscall",
                  udp_sends: bool = False, wakeup_bytes: int = DEFAULT_WAKEUP_BYTES,
                  drop_privileges: bool = False, user: Optional[str] = None,
-                 debug: bool = False):
+                 cgroup: Optional[str] = None, debug: bool = False):
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
         if backend not in BACKENDS:
@@ -139,6 +139,7 @@ class Monitor:
         self.capacity = capacity
         self.backend = backend  # "auto" is resolved by start()
         self.udp_sends = udp_sends
+        self.cgroup = cgroup  # a cgroup v2 directory: watch only it and below; None: host
         # after attaching, give up every capability (and become `user`): see privilege.py
         self.drop_privileges = drop_privileges or user is not None
         self.user = user
@@ -162,6 +163,12 @@ class Monitor:
             preflight()
             kfunc, unix_hook = _kernel_btf_has(b"bpf_cast_to_kern_ctx", b"BPF_CGROUP_UNIX_CONNECT")
             cgroot = cgroup2_root()
+            if self.cgroup is not None:
+                if not (cgroot and os.path.isdir(self.cgroup) and os.path.realpath(
+                        self.cgroup).startswith(os.path.realpath(cgroot))):
+                    raise MonitorError(f"{self.cgroup} is not a cgroup v2 directory (under "
+                                       f"{cgroot or 'a cgroup2 mount'})")
+                cgroot = self.cgroup
             if self.backend == "auto":
                 self.backend = "cgroup" if kfunc and cgroot else "syscall"
             if (self.backend == "cgroup" or self.udp_sends) and not (kfunc and cgroot):
@@ -173,7 +180,8 @@ class Monitor:
                 "cgroup/connect_unix (Linux 6.7+): unix connects are not seen"]
             try:
                 probe = _core.Probe(self._store, self.ringbuf_bytes, self.wakeup_bytes,
-                                    self.debug, self.backend, self.udp_sends, unix_hook)
+                                    self.debug, self.backend, self.udp_sends, unix_hook,
+                                    self.cgroup is not None)
             except OSError as e:
                 raise _load_error(e) from None
             cgfd = os.open(cgroot, os.O_RDONLY | os.O_DIRECTORY) if cgroot else -1
