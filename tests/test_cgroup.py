@@ -154,3 +154,37 @@ def test_backend_reported(cgmon):
     assert {"netmon_cg_connect4", "netmon_cg_connect6", "netmon_cg_connect_unix",
             "netmon_tcp_state"} <= set(st["programs"])
     assert "netmon_connect_enter" not in st["programs"]
+
+
+@pytest.fixture
+def scope_dir():
+    path = os.path.join(cgroup2_root(), f"netmon-scope-{uuid.uuid4().hex[:8]}")
+    os.mkdir(path)
+    yield path
+    os.rmdir(path)
+
+
+def in_cgroup(path):
+    def enter():
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+    return enter
+
+
+@pytest.mark.parametrize("backend", ["syscall", "cgroup"])
+def test_scoped_to_one_cgroup(scope_dir, backend, listeners):  # noqa: F811
+    ops = [{"family": "inet", "type": "dgram", "addr": ["127.0.0.1", 9], "repeat": 5},
+           {"family": "inet", "addr": ["127.0.0.1", listeners["closed"]]}]
+    with Monitor(capacity=1024, backend=backend, cgroup=scope_dir) as m:
+        outside = run_child("nm-outside", ops)
+        inside = json.loads(subprocess.run(
+            [sys.executable, os.path.join(os.path.dirname(__file__), "connector.py"),
+             "nm-inside", json.dumps(ops)], check=True, capture_output=True, text=True,
+            preexec_fn=in_cgroup(scope_dir)).stdout)
+        evs = wait_for(m, inside["pid"], 6)
+        time.sleep(0.05)
+        assert len(evs) == 6 and evs[-1].outcome == "refused"
+        assert m.events(pid=outside["pid"]) == []
+        st = m.stats()
+        assert st["delivered"] == 6 and st["dropped_total"] == 0
+        assert st["outcomes_lost"] == {"ringbuf_full": 0, "unmatched": 0}
