@@ -77,6 +77,15 @@ cdef extern from "store.h" nogil:
         uint64_t count
         uint64_t failed
         netmon_event rep
+    enum:
+        NM_ATTEMPT_SLOTS
+        NM_RET_UNKNOWN
+    struct nm_attempt:
+        uint16_t family
+        uint16_t protocol
+        int32_t ret
+        uint64_t count
+    uint64_t nm_store_attempts(nm_store *s, nm_attempt *out, uint64_t *other)
     int nm_store_init(nm_store *s, uint64_t capacity)
     void nm_store_free(nm_store *s)
     int nm_store_push(nm_store *s, const void *data, size_t size)
@@ -211,6 +220,17 @@ cdef class Store:
         return {"delivered": head, "size": size, "evicted": evicted, "malformed": malformed,
                 "outcomes_unmatched": unmatched, "oldest_ts_ns": oldest if size else None,
                 "last_seq": head}
+
+    def attempts(self):
+        """({(family, protocol, ret or None if unknown): count}, other): connect attempts
+        ever pushed, never forgotten (monotonic); other = those past the table's size."""
+        cdef nm_attempt a[NM_ATTEMPT_SLOTS]
+        cdef uint64_t other = 0, n, i
+        with nogil:
+            n = nm_store_attempts(&self.s, a, &other)
+        return {(a[i].family, a[i].protocol,
+                 None if a[i].ret == NM_RET_UNKNOWN else a[i].ret): a[i].count
+                for i in range(n)}, other
 
     cdef int _filter(self, nm_filter *f, dict q) except -1:
         """q: pid, comm, kind, family, protocol, port, result ("ok", "error" or a return

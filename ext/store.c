@@ -95,6 +95,44 @@ static void join_connect(struct nm_store *s, struct netmon_event *e, uint64_t se
 	w->seq = seq;
 }
 
+#define NM_ATTEMPT_PROBES 16
+
+/* caller holds the lock; a bounded probe, so a flood of odd families costs no more */
+static void count_attempt(struct nm_store *s, const struct netmon_event *e)
+{
+	int32_t ret = e->flags & NETMON_F_NO_RESULT ? NM_RET_UNKNOWN : e->ret;
+	uint32_t key = ((uint32_t)e->family << 16 | e->protocol) ^ (uint32_t)ret * 40503u;
+	uint32_t h = key * 2654435761u >> 24; /* the product's top bits mix every key bit */
+
+	for (unsigned i = 0; i < NM_ATTEMPT_PROBES; i++) {
+		struct nm_attempt *a = &s->attempts[(h + i) % NM_ATTEMPT_SLOTS];
+
+		if (!a->count) {
+			a->family = e->family;
+			a->protocol = e->protocol;
+			a->ret = ret;
+		} else if (a->family != e->family || a->protocol != e->protocol || a->ret != ret) {
+			continue;
+		}
+		a->count++;
+		return;
+	}
+	s->attempts_other++;
+}
+
+uint64_t nm_store_attempts(struct nm_store *s, struct nm_attempt *out, uint64_t *other)
+{
+	uint64_t n = 0;
+
+	pthread_mutex_lock(&s->lock);
+	for (unsigned i = 0; i < NM_ATTEMPT_SLOTS; i++)
+		if (s->attempts[i].count)
+			out[n++] = s->attempts[i];
+	*other = s->attempts_other;
+	pthread_mutex_unlock(&s->lock);
+	return n;
+}
+
 int nm_store_push(struct nm_store *s, const void *data, size_t size)
 {
 	const struct netmon_event *in = data;
@@ -114,6 +152,8 @@ int nm_store_push(struct nm_store *s, const void *data, size_t size)
 			s->evicted++;
 		memcpy(e, in, sizeof(*e));
 		s->head++;
+		if (e->kind == NETMON_KIND_CONNECT)
+			count_attempt(s, e);
 		if (e->sock_id && e->protocol == 6 /* IPPROTO_TCP */ && e->kind == NETMON_KIND_CONNECT)
 			join_connect(s, e, s->head);
 	}

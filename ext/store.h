@@ -13,10 +13,20 @@
 #include "netmon.h"
 
 #define NM_JOIN_SLOTS 65536 /* TCP handshakes in flight the join can track */
+#define NM_ATTEMPT_SLOTS 256 /* distinct (family, protocol, result) the counters keep */
+#define NM_RET_UNKNOWN 1     /* the result key of an attempt whose hook could not know it */
 
 struct nm_join {
 	uint64_t sock_id;
 	uint64_t seq; /* connect event waiting for its outcome */
+};
+
+/* connect attempts ever pushed with this (family, protocol, ret): monotonic, unlike the
+ * ring, which forgets; for metrics. count 0 = free slot */
+struct nm_attempt {
+	uint16_t family, protocol;
+	int32_t ret; /* 0, -errno or NM_RET_UNKNOWN */
+	uint64_t count;
 };
 
 struct nm_store {
@@ -29,6 +39,8 @@ struct nm_store {
 	uint64_t unmatched; /* TCP outcomes whose connect event was never seen / gone */
 	struct nm_join *waiting;          /* sock_id -> connect event awaiting its outcome */
 	struct netmon_event *early;       /* sock_id -> outcome that came before its connect */
+	struct nm_attempt attempts[NM_ATTEMPT_SLOTS];
+	uint64_t attempts_other;          /* attempts whose key found no free slot */
 };
 
 /* what a query keeps; a zero field in `mask` means "any" */
@@ -80,6 +92,9 @@ void nm_store_free(struct nm_store *s);
 int nm_store_push(struct nm_store *s, const void *data, size_t size);
 void nm_store_counters(struct nm_store *s, uint64_t *head, uint64_t *size, uint64_t *evicted,
 		       uint64_t *malformed, uint64_t *unmatched, uint64_t *oldest_ts);
+/* Copies the attempt counters in use to out (NM_ATTEMPT_SLOTS entries); returns how many;
+ * *other = attempts counted in no slot. */
+uint64_t nm_store_attempts(struct nm_store *s, struct nm_attempt *out, uint64_t *other);
 
 /* Matching records in the window. newest != 0: the newest `limit` of them, else the
  * oldest `limit` (limit 0 = all). Returns a malloc'd array in sequence order (caller

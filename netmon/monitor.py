@@ -8,11 +8,11 @@ import logging
 import os
 import threading
 import time
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from . import _core, privilege
-from .event import Event, to_datetime, wall_offset_ns
-from .filters import FilterError, compile_filter
+from .event import AF_UNIX, PROTOCOLS, Event, to_datetime, wall_offset_ns
+from .filters import FAMILY_NAMES, FilterError, compile_filter
 
 log = logging.getLogger("netmon")
 
@@ -289,6 +289,29 @@ class Monitor:
         newest=False takes the oldest `limit` after `after_seq` instead (paging)."""
         rows, matched = self._store.query(limit or 0, newest, **compile_filter(**filters))
         return self._events(rows), matched
+
+    def seq_range(self) -> Tuple[int, int]:
+        """(oldest held seq, newest seq): a cursor below oldest - 1 fell out of the store."""
+        c = self._store.counters()
+        return c["last_seq"] - c["size"] + 1, c["last_seq"]
+
+    def attempts(self) -> Dict[Tuple[str, str, str], int]:
+        """Connect attempts ever captured, by (family, protocol, result); monotonic, unlike
+        the store, which forgets. A bounded label set: family inet/inet6/unix/other,
+        protocol tcp/udp/.../unix/none/other, result ok, an errno name, unknown (the hook
+        could not know) or other. result is what connect() returned (EINPROGRESS for a
+        non-blocking TCP connect), not the handshake's outcome."""
+        counts, other = self._store.attempts()
+        families = {v: k for k, v in FAMILY_NAMES.items()}
+        out = {("other", "other", "other"): other} if other else {}
+        for (fam, proto, ret), n in counts.items():
+            key = (families.get(fam, "other"),
+                   "unix" if fam == AF_UNIX else
+                   PROTOCOLS.get(proto, "other").lower() if proto else "none",
+                   "unknown" if ret is None else "ok" if ret == 0 else
+                   errno.errorcode.get(-ret, "other"))
+            out[key] = out.get(key, 0) + n
+        return out
 
     def count(self, **filters) -> int:
         return self._store.count(**compile_filter(**filters))
