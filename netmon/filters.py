@@ -50,7 +50,7 @@ def boot_ns(param: str, t: Time) -> int:
         ns = (t - _EPOCH) // _dt.timedelta(microseconds=1) * 1000 - wall_offset_ns()
     else:
         raise FilterError(param, "must be a datetime or a timedelta")
-    return max(ns, 1)
+    return min(max(ns, 1), 2**64 - 1)  # a far-future bound: the store's clock is a u64
 
 
 def _int(param: str, v, lo: int, hi: int) -> int:
@@ -71,7 +71,10 @@ def _dest(v: str):
     if not isinstance(v, str) or not v:
         raise FilterError("dest", "must be an IP, a CIDR or a unix path prefix")
     if v[0] in "/@":
-        raw = b"\0" + v[1:].encode() if v[0] == "@" else v.encode()
+        try:
+            raw = b"\0" + v[1:].encode() if v[0] == "@" else v.encode()
+        except UnicodeEncodeError:  # a lone surrogate
+            raise FilterError("dest", "a unix path prefix must be valid UTF-8") from None
         if len(raw) > _core.ADDR_LEN:
             raise FilterError("dest", f"unix path prefix longer than {_core.ADDR_LEN} bytes")
         return AF_UNIX, raw, len(raw)
@@ -104,7 +107,11 @@ def compile_filter(*, pid=None, command=None, kind="connect", family=None, proto
     if pid is not None:
         q["pid"] = _int("pid", pid, 0, 2**32 - 1)
     if command is not None:
-        if not isinstance(command, str) or not command or len(command.encode()) > 15:
+        try:
+            raw = command.encode() if isinstance(command, str) else b""
+        except UnicodeEncodeError:  # a lone surrogate
+            raw = b""
+        if not raw or len(raw) > 15:
             raise FilterError("command", "must be a non-empty string of at most 15 bytes")
         q["comm"] = command
     if kind is not None:
