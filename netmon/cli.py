@@ -216,9 +216,10 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"{e}; lower --capacity", EXIT_RUNTIME)
     guard = Guard(None, token=token, check_host=loopback,
                   cors_origins=[o.strip() for o in args.cors_origin.split(",") if o.strip()])
-    guard.app = make_app(monitor, server_stats=guard.stats)
+    shutdown = threading.Event()  # Server.stop() sets it: open event streams end
+    guard.app = make_app(monitor, server_stats=guard.stats, shutdown=shutdown)
     try:
-        server = Server(guard, host, port,
+        server = Server(guard, host, port, shutdown=shutdown,
                         tls=(args.tls_cert, args.tls_key) if args.tls_cert else None)
     except ServerError as e:
         return _fail(str(e), EXIT_USAGE)

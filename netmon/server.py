@@ -22,11 +22,11 @@ from cheroot import server as cheroot_server
 from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 
-from .api import MAX_BODY_BYTES, error_body
+from .api import MAX_BODY_BYTES, MAX_STREAMS, error_body
 
 log = logging.getLogger("netmon.server")
 
-THREADS = 8
+THREADS = 8  # for requests; each open event stream holds a thread of its own on top
 ACCEPT_QUEUE = 64  # connections waiting for a worker; past this cheroot answers 503
 LISTEN_BACKLOG = 128
 SOCKET_TIMEOUT = 10  # seconds a client may stall mid-request
@@ -127,12 +127,17 @@ def _bind_error(host: str, port: int, e: Optional[OSError]) -> ServerError:
 class Server:
     """Serve a WSGI app on host:port from a background thread.
 
-    bind() first (it fails fast on a busy port), then start(); stop() stops accepting,
-    lets in-flight requests finish (up to SHUTDOWN_TIMEOUT) and joins the thread.
+    bind() first (it fails fast on a busy port), then start(); stop() sets `shutdown` (the
+    event make_app() was given: open event streams end), stops accepting, lets in-flight
+    requests finish (up to SHUTDOWN_TIMEOUT) and joins the thread. The pool has `threads`
+    workers plus one per possible event stream, so streams never starve requests.
     """
 
     def __init__(self, app, host: str, port: int, *, threads: int = THREADS,
-                 tls: Optional[Tuple[str, str]] = None):
+                 tls: Optional[Tuple[str, str]] = None,
+                 shutdown: Optional[threading.Event] = None):
+        self.shutdown = shutdown if shutdown is not None else threading.Event()
+        threads += MAX_STREAMS
         self._httpd = _WSGIServer((host, port), app, numthreads=threads, max=threads,
                                   request_queue_size=LISTEN_BACKLOG, timeout=SOCKET_TIMEOUT,
                                   shutdown_timeout=SHUTDOWN_TIMEOUT,
@@ -167,6 +172,7 @@ class Server:
         self._thread.start()
 
     def stop(self) -> None:
+        self.shutdown.set()
         self._httpd.stop()
         if self._thread is not None:
             self._thread.join()

@@ -93,7 +93,9 @@ def test_index_lists_every_route_with_a_description(app):
     assert r.body["description"]
     assert set(r.body["endpoints"]) == {
         "GET /", "GET /health", "POST /api/connection-summary",
-        "GET /api/list-connections", "POST /api/list-connections"}
+        "GET /api/list-connections", "POST /api/list-connections", "GET /api/events",
+        "GET /api/events/stream", "GET /api/top", "GET /api/stats", "GET /metrics",
+        "GET /openapi.json"}
     assert all(isinstance(d, str) and d and "\n" not in d for d in r.body["endpoints"].values())
 
 

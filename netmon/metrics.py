@@ -1,0 +1,70 @@
+"""GET /metrics: Prometheus text format from a private registry whose one collector reads
+the monitor's counters at scrape time. Nothing here runs per event. Labels are bounded:
+no pid, address, port or command."""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, exposition
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+
+from . import __version__, _core
+from .monitor import Monitor
+
+# the classic text format (0.0.4) that generate_latest writes and every scraper reads
+CONTENT_TYPE = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST)
+
+
+class _Collector:
+    def __init__(self, monitor: Monitor, server_stats: Callable[[], dict]):
+        self._monitor, self._server_stats = monitor, server_stats
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._monitor
+        stats = m.stats()
+        attempts = CounterMetricFamily(
+            "netmon_connect_attempts", "connect() attempts captured, by what connect() "
+            "returned (ok or the errno name; EINPROGRESS for a non-blocking TCP connect)",
+            labels=("family", "protocol", "result"))
+        for labels, n in sorted(m.attempts().items()):
+            attempts.add_metric(labels, n)
+        yield attempts
+        yield CounterMetricFamily("netmon_events_captured", "events the kernel saw: "
+                                  "delivered + dropped", value=stats["captured"])
+        yield CounterMetricFamily("netmon_events_delivered", "events that reached the store",
+                                  value=stats["delivered"])
+        dropped = CounterMetricFamily("netmon_events_dropped", "events the kernel could not "
+                                      "deliver, by reason", labels=("reason",))
+        for reason, n in sorted(stats["dropped"].items()):
+            dropped.add_metric((reason,), n)
+        yield dropped
+        yield CounterMetricFamily("netmon_events_evicted", "events overwritten in the full "
+                                  "store", value=stats["evicted"])
+        lost = CounterMetricFamily("netmon_outcomes_lost", "TCP handshake outcomes never "
+                                   "joined to their connect event", labels=("reason",))
+        for reason, n in sorted(stats["outcomes_lost"].items()):
+            lost.add_metric((reason,), n)
+        yield lost
+        yield GaugeMetricFamily("netmon_store_events", "events held in the store",
+                                value=stats["size"])
+        yield GaugeMetricFamily("netmon_store_capacity", "events the store can hold",
+                                value=stats["capacity"])
+        if stats["poll_lag_seconds"] is not None:
+            yield GaugeMetricFamily("netmon_poll_lag_seconds", "time since the poll thread "
+                                    "last drained the kernel ring buffer",
+                                    value=stats["poll_lag_seconds"])
+        yield InfoMetricFamily("netmon_build", "netmon's version, libbpf's and the backend",
+                               value={"version": __version__,
+                                      "libbpf_version": _core.libbpf_version(),
+                                      "backend": stats["backend"]})
+        http = self._server_stats()
+        if "auth_failures" in http:
+            yield CounterMetricFamily("netmon_http_auth_failures", "requests refused for a "
+                                      "missing or wrong token", value=http["auth_failures"])
+
+
+def registry(monitor: Monitor, server_stats: Callable[[], dict]) -> CollectorRegistry:
+    """A registry of its own (not prometheus_client's global one): apps never share."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Collector(monitor, server_stats))
+    return reg

@@ -1,0 +1,265 @@
+"""The OpenAPI 3.1 description of netmon's HTTP API, served at GET /openapi.json.
+tests/test_openapi.py validates it and drives the app with inputs generated from it."""
+from __future__ import annotations
+
+from . import __version__
+from .filters import FAMILY_NAMES
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _null(schema: dict) -> dict:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _obj(required: tuple, **props) -> dict:
+    return {"type": "object", "required": list(required), "properties": props}
+
+
+def _json(schema: dict, description: str, **extra) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}},
+            **extra}
+
+
+def _param(name: str, description: str, schema: dict, where: str = "query") -> dict:
+    return {"name": name, "in": where, "description": description, "schema": schema}
+
+
+def _params(*names: str) -> list:
+    return [{"$ref": f"#/components/parameters/{n}"} for n in names]
+
+
+INT = {"type": "integer", "minimum": 0}
+STR = {"type": "string"}
+TIME = {"type": "string", "format": "date-time"}
+ERROR = _json(_ref("Error"), "the parameter or body is invalid; the message names it")
+FILTERS = ("pid", "command", "family", "protocol", "port", "dest", "result", "kind")
+
+EVENT = _obj(
+    ("seq", "timestamp", "pid", "tid", "uid", "command", "destination", "address_family",
+     "protocol", "return_code", "error", "kind", "backend"),
+    seq={**INT, "description": "1, 2, ... in capture order; the cursor for after= and "
+                               "Last-Event-ID"},
+    timestamp={**TIME, "description": "UTC, RFC 3339 with microseconds"}, wall_time=TIME,
+    pid=INT, tid=INT, uid=INT, cgroup_id=INT, net_ns=_null(INT),
+    command={**STR, "description": "the calling thread's comm"},
+    destination=_null({**STR, "description": "1.2.3.4:80, [::1]:443, /path or @abstract"}),
+    destination_ip=_null(STR), destination_port=_null(INT), service=_null(STR),
+    address_family={"type": "integer", "description": "AF_* as the caller gave it"},
+    protocol=_null({**STR, "description": "TCP, UDP, UNIX, ..."}), socket_type=_null(STR),
+    return_code=_null({"type": "integer", "description": "0 or -errno; null if the hook "
+                                                         "could not know"}),
+    error=_null({**STR, "description": "errno name, null on success"}),
+    truncated={"type": "boolean"}, kind={"enum": ["connect", "udp_send"]},
+    backend={"enum": ["syscall", "cgroup"]},
+    outcome=_null({**STR, "description": "TCP: pending, established, refused, timeout, reset, "
+                                         "unreachable, failed, unknown"}),
+    latency_us=_null(INT), packets=_null(INT))
+
+FILTER_SCHEMA = {"type": "object", "description": "the filters as understood: names "
+                 "normalised, times absolute, networks canonical",
+                 "required": ["kind"], "properties": {
+                     "kind": {"enum": ["connect", "udp_send", "all"]},
+                     "pid": INT, "command": STR, "family": STR, "protocol": STR, "port": INT,
+                     "dest": STR, "result": STR, "since": STR, "until": STR, "after": INT,
+                     "limit": INT}}
+
+STATS = _obj(
+    ("captured", "delivered", "dropped", "dropped_total", "evicted", "size", "capacity",
+     "last_seq", "oldest_timestamp", "poll_lag_seconds", "programs", "uptime_seconds",
+     "backend", "capabilities", "missing_hooks", "outcomes_lost", "connect_attempts", "http"),
+    captured={**INT, "description": "delivered + dropped_total"}, delivered=INT,
+    dropped={"type": "object", "additionalProperties": INT,
+             "description": "records the kernel could not deliver, by reason"},
+    dropped_total=INT, evicted={**INT, "description": "overwritten in the full store"},
+    malformed=INT, size=INT, capacity=INT, last_seq=INT, oldest_timestamp=_null(TIME),
+    poll_lag_seconds=_null({"type": "number"}), attached={"type": "boolean"},
+    backend=STR, udp_sends={"type": "boolean"}, bpf_stats_enabled={"type": "boolean"},
+    programs={"type": "object", "additionalProperties": _obj(
+        ("id", "run_cnt", "run_time_ns"), id=INT, run_cnt=_null(INT), run_time_ns=_null(INT)),
+        "description": "run counts are null while sysctl kernel.bpf_stats_enabled is 0"},
+    missing_hooks={"type": "array", "items": STR},
+    capabilities={"type": "array", "items": STR},
+    outcomes_lost={"type": "object", "additionalProperties": INT},
+    uptime_seconds={"type": "number"},
+    connect_attempts={"type": "array", "description": "every attempt ever captured (not only "
+                      "those still held), by what connect() returned",
+                      "items": _obj(("family", "protocol", "result", "count"), family=STR,
+                                    protocol=STR, result=STR, count=INT)},
+    http={"type": "object", "description": "the HTTP layer's counters"})
+
+TOP_ENTRY = _obj(("count", "failed", "last_seen"), count=INT, failed=INT, last_seen=TIME,
+                 destination=_null(STR), command=STR, pid=INT, port=_null(INT),
+                 service=_null(STR), error=_null(STR), return_code=_null({"type": "integer"}))
+
+HEALTH = _obj(("status", "service", "version", "uptime_seconds", "events_captured",
+               "events_dropped", "events_evicted"),
+              status={"enum": ["healthy", "unhealthy"]}, service=STR, version=STR,
+              uptime_seconds={"type": "number"}, events_captured=INT, events_dropped=INT,
+              events_evicted=INT, reason=STR)
+
+PARAMETERS = {
+    "pid": _param("pid", "only this process (tgid)", {"type": "integer", "minimum": 0,
+                                                      "maximum": 2**32 - 1}),
+    "command": _param("command", "only this command (comm, exact)",
+                      {"type": "string", "minLength": 1, "maxLength": 15}),
+    "family": _param("family", "address family", {"enum": sorted(FAMILY_NAMES)}),
+    "protocol": _param("protocol", "tcp, udp, ...", {"type": "string"}),
+    "port": _param("port", "destination port", {"type": "integer", "minimum": 0,
+                                                "maximum": 65535}),
+    "dest": _param("dest", "an IP, a CIDR (10.0.0.0/8, ::1/128) or a unix path prefix "
+                   "(/run/, @abstract)", {"type": "string"}),
+    "result": _param("result", "ok, error, or an errno name like ECONNREFUSED",
+                     {"type": "string"}),
+    "kind": _param("kind", "connect (default), udp_send or all",
+                   {"enum": ["connect", "udp_send", "all"]}),
+    "since": _param("since", "RFC 3339 instant, or an age like 300s, 5m, 2h", STR),
+    "until": _param("until", "RFC 3339 instant, or an age like 300s, 5m, 2h", STR),
+    "after": _param("after", "a cursor: only events with a larger seq (next_after, an "
+                    "event's seq)", {"type": "integer", "minimum": 0,
+                                     "maximum": 2**63 - 1}),
+}
+
+SPEC = {
+    "openapi": "3.1.0",
+    "info": {"title": "netmon", "version": __version__,
+             "description": "Watches every connect() on this host with eBPF. Every answer is "
+                            "JSON unless stated, errors included: {error, message}. Unknown "
+                            "query parameters are a 400."},
+    "components": {
+        "schemas": {
+            "Error": {**_obj(("error", "message"), error={**STR, "description": "the HTTP "
+                                                          "reason phrase"}, message=STR),
+                      "additionalProperties": False},
+            "Event": EVENT, "Stats": STATS, "Health": HEALTH, "TopEntry": TOP_ENTRY,
+        },
+        "parameters": PARAMETERS,
+    },
+    "paths": {
+        "/": {"get": {"summary": "The endpoints", "operationId": "index", "responses": {
+            "200": _json(_obj(("service", "version", "endpoints"), service=STR, version=STR,
+                              description=STR, endpoints={"type": "object",
+                                                          "additionalProperties": STR}),
+                         "service name, version and one line per endpoint")}}},
+        "/health": {"get": {"summary": "Liveness", "operationId": "health", "responses": {
+            "200": _json(_ref("Health"), "capturing"),
+            "503": _json(_ref("Health"), "not capturing; reason says why")}}},
+        "/api/connection-summary": {"post": {
+            "summary": "Count one pid's or command's connect() attempts over the last "
+                       "duration seconds", "operationId": "connectionSummary",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["duration"], "properties": {
+                    "pid": {"type": "integer", "minimum": 1, "maximum": 2**32 - 1},
+                    "command": {"type": "string", "minLength": 1, "maxLength": 15},
+                    "duration": {"type": "integer", "minimum": 1, "maximum": 3600}},
+                "description": "exactly one of pid and command"}}}},
+            "responses": {
+                "200": _json(_obj(("total_attempts", "pid", "command", "duration", "message"),
+                                  total_attempts=INT, pid=_null(INT), command=_null(STR),
+                                  duration=INT, message=STR), "the count"),
+                "400": ERROR,
+                "411": _json(_ref("Error"), "a chunked body"),
+                "413": _json(_ref("Error"), "a body over 16 KiB")}}},
+        "/api/list-connections": {
+            method: {"summary": "Each process's most recent limit connect() attempts",
+                     "operationId": f"listConnections{method.title()}",
+                     **({"parameters": [
+                         PARAMETERS["pid"],
+                         _param("limit", "events per pid (default 100)",
+                                {"type": "integer", "minimum": 1, "maximum": 1000})]}
+                        if method == "get" else {"requestBody": {"content": {
+                            "application/json": {"schema": {"type": "object", "properties": {
+                                "pid": {"type": "integer", "minimum": 1},
+                                "limit": {"type": "integer", "minimum": 1,
+                                          "maximum": 1000}}}}}}}),
+                     "responses": {
+                         "200": _json(_obj(("total_pids", "connections", "truncated",
+                                            "message"), total_pids=INT,
+                                           connections={"type": "object",
+                                                        "additionalProperties": {
+                                                            "type": "array",
+                                                            "items": _ref("Event")}},
+                                           truncated={"type": "boolean"}, message=STR),
+                                      "events by pid, oldest first"),
+                         "400": ERROR, "411": _json(_ref("Error"), "a chunked body"),
+                         "413": _json(_ref("Error"), "a body over 16 KiB")}}
+            for method in ("get", "post")},
+        "/api/events": {"get": {
+            "summary": "Events matching every given filter, newest last",
+            "description": "Without after: the newest limit matches. With after: the oldest "
+                           "limit matches after that seq, so next_after pages on without "
+                           "repeating or skipping an event still held.",
+            "operationId": "events",
+            "parameters": _params(*FILTERS, "since", "until", "after") + [
+                _param("limit", "at most this many (default 100)",
+                       {"type": "integer", "minimum": 1, "maximum": 10000})],
+            "responses": {
+                "200": _json(_obj(("events", "count", "matched", "next_after", "truncated",
+                                   "filters"),
+                                  events={"type": "array", "items": _ref("Event")},
+                                  count=INT, matched={**INT, "description": "all matches"},
+                                  next_after={**INT, "description": "pass as after= for "
+                                              "the next page"},
+                                  truncated={"type": "boolean"}, filters=FILTER_SCHEMA),
+                             "a page of events"),
+                "400": ERROR}}},
+        "/api/events/stream": {"get": {
+            "summary": "Server-Sent Events: matching events as they happen",
+            "description": "One message per event: 'event: <kind>', 'id: <seq>', 'data: "
+                           "<Event JSON>'. Resumes after Last-Event-ID (or after=); without "
+                           "either, starts now. 'event: gap' with data {missed, first_seq, "
+                           "last_seq} when events were overwritten before they could be "
+                           "sent. ': keepalive' after 15 s without a message. Ends when "
+                           "the server stops.",
+            "operationId": "eventStream",
+            "parameters": _params(*FILTERS, "since", "until", "after") + [
+                _param("Last-Event-ID", "resume after this seq", {
+                    "type": "string", "pattern": "^[0-9]{1,18}$"}, where="header")],
+            "responses": {
+                "200": {"description": "the stream",
+                        "content": {"text/event-stream": {"schema": STR}}},
+                "400": ERROR,
+                "429": _json(_ref("Error"), "32 streams are open already",
+                             headers={"Retry-After": {"description": "seconds",
+                                                      "schema": {"type": "integer"}}})}}},
+        "/api/top": {"get": {
+            "summary": "The top talkers of the last duration seconds",
+            "operationId": "top",
+            "parameters": _params(*FILTERS) + [
+                _param("by", "what to group by (default destination); error groups failed "
+                       "attempts only", {"enum": ["destination", "command", "pid", "port",
+                                                  "error"]}),
+                _param("duration", "seconds back (default 60)",
+                       {"type": "integer", "minimum": 1, "maximum": 3600}),
+                _param("limit", "groups (default 10)",
+                       {"type": "integer", "minimum": 1, "maximum": 1000})],
+            "responses": {
+                "200": _json(_obj(("by", "duration", "limit", "top", "groups", "matched",
+                                   "filters"),
+                                  by=STR, duration=INT, limit=INT,
+                                  top={"type": "array", "items": _ref("TopEntry"),
+                                       "description": "largest first; each entry carries "
+                                       "its key (destination, command, pid and command, "
+                                       "port and service, or error and return_code)"},
+                                  groups=INT, matched=INT, filters=FILTER_SCHEMA),
+                             "the largest groups"),
+                "400": ERROR}}},
+        "/api/stats": {"get": {"summary": "Capture counters and state", "operationId": "stats",
+                               "responses": {"200": _json(_ref("Stats"), "counters")}}},
+        "/metrics": {"get": {
+            "summary": "Prometheus metrics", "operationId": "metrics",
+            "description": "netmon_connect_attempts_total{family,protocol,result}, "
+                           "netmon_events_{captured,delivered,evicted}_total, "
+                           "netmon_events_dropped_total{reason}, netmon_outcomes_lost_total"
+                           "{reason}, netmon_store_events, netmon_store_capacity, "
+                           "netmon_poll_lag_seconds, netmon_build_info{version,"
+                           "libbpf_version,backend}, netmon_http_auth_failures_total",
+            "responses": {"200": {"description": "text format 0.0.4",
+                                  "content": {"text/plain": {"schema": STR}}}}}},
+        "/openapi.json": {"get": {"summary": "This document", "operationId": "openapi",
+                                  "responses": {"200": _json({"type": "object"},
+                                                             "OpenAPI 3.1")}}},
+    },
+}
