@@ -11,6 +11,6 @@ def pytest_runtest_setup(item):
     if item.get_closest_marker("bpf") is None or os.geteuid() == 0:
         return
     reason = "needs root to load BPF programs"
-    if "NETMON_REQUIRE_BPF" in os.environ:
+    if os.environ.get("NETMON_REQUIRE_BPF", "") not in ("", "0"):
         pytest.fail(f"{reason}, and NETMON_REQUIRE_BPF is set")
     pytest.skip(reason)

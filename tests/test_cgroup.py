@@ -20,7 +20,7 @@ URING = os.path.join(os.path.dirname(__file__), "uring_connect.py")
 
 @pytest.fixture(scope="module")
 def cgmon():
-    with Monitor(capacity=65536, backend="cgroup", udp_sends=True) as m:
+    with Monitor(capacity=1 << 20, backend="cgroup", udp_sends=True) as m:
         yield m
 
 
@@ -64,7 +64,7 @@ def test_every_family_and_tcp_outcomes(cgmon, listeners):  # noqa: F811
 
 
 def test_io_uring_connect_seen_by_cgroup_missed_by_syscall(cgmon, listeners):  # noqa: F811
-    with Monitor(capacity=1024, backend="syscall") as sysmon:
+    with Monitor(capacity=1 << 20, backend="syscall") as sysmon:
         r = uring_connect(listeners["tcp4"])
         assert r["res"] == 0
         (ev,) = wait_for(cgmon, r["pid"], 1)

@@ -75,7 +75,7 @@ def server():
     for var in [v for v in env if v.startswith("NETMON_")]:
         del env[var]
     proc = subprocess.Popen(netmon_command() + ["--addr", f"127.0.0.1:{port}",
-                                                "--capacity", "65536"],
+                                                "--capacity", "1048576"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()  # printed once the programs are attached
