@@ -128,7 +128,7 @@ def test_startup_line(server):
     line = server["line"]
     assert line.startswith(f"netmon {netmon.__version__} listening on {server['url']}")
     assert "netmon_connect_enter" in line and "netmon_connect_exit" in line
-    assert "65536 events" in line
+    assert "1048576 events" in line
 
 
 def test_health_on_the_real_kernel(server):
