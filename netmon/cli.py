@@ -31,10 +31,15 @@ examples:
   netmon --addr [::1]:8080        IPv6 loopback
   netmon --capacity 100000 --debug
   NETMON_ADDR=127.0.0.1:9000 netmon
+  netmon serve --addr :9090       the same: serve is the explicit form
+  netmon trace --help             print connects as they happen, no server
 
   curl -s 127.0.0.1:8080/health
   curl -s -X POST 127.0.0.1:8080/api/connection-summary -d '{"command": "curl", "duration": 60}'
   curl -s "127.0.0.1:8080/api/list-connections?limit=10"
+  curl -s "127.0.0.1:8080/api/events?command=curl&result=error&since=300s"
+  curl -sN 127.0.0.1:8080/api/events/stream
+  curl -s 127.0.0.1:8080/openapi.json     every endpoint, described
 
 Every flag can also come from the environment variable named in its help; a flag wins.
 netmon needs root (or CAP_BPF and CAP_PERFMON) and a kernel with BTF.
@@ -274,6 +279,12 @@ def _serve_until_stopped(monitor: Monitor, signals: ShutdownSignals) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["trace"]:
+        from .trace import main as trace_main
+        return trace_main(argv[1:])
+    if argv[:1] == ["serve"]:  # the explicit form of the default
+        argv = argv[1:]
     try:
         args = parse_args(argv)
     except UsageError as e:

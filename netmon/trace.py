@@ -1,0 +1,109 @@
+"""`netmon trace`: attach, print one line per connect() as it happens; no server.
+
+The filters are /api/events' (netmon.filters checks them); --json prints Event.to_dict()
+lines. Every line is flushed, so a pipe sees it at once. On exit (--count reached,
+Ctrl-C, SIGTERM) a summary of what the kernel dropped goes to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from typing import Optional, Sequence
+
+from .cli import EXIT_RUNTIME, EXIT_USAGE, UsageError, _backend, _count, _Parser
+from .event import Event
+from .filters import FAMILY_NAMES, FilterError, compile_filter
+from .monitor import Monitor, MonitorError
+
+CAPACITY = 65536  # the store only has to hold what the printer has not reached yet
+FILTERS = ("pid", "command", "family", "protocol", "port", "dest", "result", "kind")
+FAMILIES = {v: k for k, v in FAMILY_NAMES.items()}
+LINE = "{:<15}  {:>7}  {:<15}  {:<6}  {:<28}  {:<5}  {}"
+HEADER = LINE.format("TIME(UTC)", "PID", "COMMAND", "FAMILY", "DESTINATION", "PROTO",
+                     "RESULT")
+
+
+def _number(text: str):
+    """Decimal text as an int; anything else is left for compile_filter to name."""
+    return int(text) if text.isdecimal() else text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="netmon trace", allow_abbrev=False,
+                description="Print every connect() on this host as it happens (no server). "
+                            "Filters combine; they are those of GET /api/events.")
+    p.add_argument("--pid", type=_number, help="only this process")
+    p.add_argument("--command", help="only this command (comm, exact)")
+    p.add_argument("--family", help="inet, inet6 or unix")
+    p.add_argument("--protocol", help="tcp, udp, ...")
+    p.add_argument("--port", type=_number, help="only this destination port")
+    p.add_argument("--dest", help="an IP, a CIDR (10.0.0.0/8, ::1/128) or a unix path prefix")
+    p.add_argument("--result", help="ok, error or an errno name like ECONNREFUSED")
+    p.add_argument("--kind", default="connect",
+                   help="connect (default), udp_send or all (udp_send needs the cgroup hooks)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--count", type=_count, metavar="N", help="stop after N events")
+    p.add_argument("--backend", type=_backend, default="syscall",
+                   help="syscall (default), cgroup or auto, as for the server")
+    return p
+
+
+def line(ev: Event) -> str:
+    if ev.kind == "udp_send":
+        result = f"sent {ev.packets}"
+    else:
+        result = "ok" if ev.return_code == 0 else ev.error or "unknown"
+    return LINE.format(ev.timestamp.strftime("%H:%M:%S.%f"), ev.pid, ev.command,
+                       FAMILIES.get(ev.family, str(ev.family)), ev.destination or "-",
+                       ev.protocol or "-", result)
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        filters = {k: getattr(args, k) for k in FILTERS if getattr(args, k) is not None}
+        if filters["kind"] == "all":
+            filters["kind"] = None
+        compile_filter(**filters)  # a bad filter fails here, before anything is loaded
+    except (UsageError, FilterError) as e:
+        print(f"netmon trace: error: {e} (see netmon trace --help)", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as e:  # --help
+        return e.code
+    monitor = Monitor(capacity=CAPACITY, backend=args.backend,
+                      udp_sends=filters["kind"] != "connect")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        monitor.start()
+    except MonitorError as e:  # the cause's line; the verifier log is not for a terminal
+        print(f"netmon trace: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return EXIT_RUNTIME
+    print(f"netmon trace: watching with the {monitor.backend} backend; Ctrl-C stops",
+          file=sys.stderr, flush=True)
+    shown = 0
+    try:
+        if not args.json:
+            print(HEADER, flush=True)
+        for ev in monitor.follow(**filters):
+            print(json.dumps(ev.to_dict()) if args.json else line(ev), flush=True)
+            shown += 1
+            if shown == args.count:
+                break
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:  # `| head`: the reader is gone; drop what is still buffered
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    finally:
+        stats = monitor.stats()
+        monitor.stop()
+    lost = ", ".join(f"{n} {reason}" for reason, n in stats["dropped"].items() if n)
+    print(f"netmon trace: {shown} shown; the kernel saw {stats['captured']} events, dropped "
+          f"{stats['dropped_total']}{f' ({lost})' if lost else ''}", file=sys.stderr)
+    return 0

@@ -1,0 +1,133 @@
+"""`netmon trace`: filters checked before anything loads, aligned columns, and (root) the
+real command capturing real connects, stopping on --count or SIGTERM with a summary."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from netmon import cli, trace
+from netmon.event import Event, wall_offset_ns
+from netmon.testing import record, synthetic_monitor
+
+CONNECTOR = Path(__file__).with_name("connector.py")
+
+
+@pytest.mark.parametrize("argv, param", [
+    (["--pid", "x"], "pid"), (["--port", "70000"], "port"), (["--dest", "10.0.0.0/40"], "dest"),
+    (["--result", "EWHAT"], "result"), (["--family", "ipx"], "family"),
+    (["--kind", "tcp"], "kind"), (["--command", "a-much-too-long-name"], "command"),
+])
+def test_bad_filter_is_one_line_and_exit_2(capsys, argv, param):
+    assert cli.main(["trace"] + argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith(f"netmon trace: error: {param}: ")
+
+
+def test_bad_flag_is_one_line_and_exit_2(capsys):
+    assert trace.main(["--count", "many"]) == 2
+    assert capsys.readouterr().err.startswith("netmon trace: error: argument --count")
+
+
+def test_serve_is_the_explicit_form_of_the_default(capsys):
+    assert cli.main(["serve", "--addr", "nowhere"]) == 2
+    explicit = capsys.readouterr().err
+    assert cli.main(["--addr", "nowhere"]) == 2
+    assert capsys.readouterr().err == explicit and "invalid address" in explicit
+
+
+def test_columns_line_up():
+    mon = synthetic_monitor()
+    mon.inject(record(pid=4242, comm="curl", ip="10.1.2.3", port=443, ret=-111))
+    mon.inject(record(pid=7, comm="busctl", path="/run/dbus/system_bus_socket"))
+    mon.inject(record(pid=123456, comm="dig", ip="::1", port=53, sock_type=2, kind=2,
+                      packets=3))
+    lines = [trace.HEADER] + [trace.line(e) for e in mon.events(kind=None)]
+    end = trace.HEADER.index("PID") + 3  # numbers are right-aligned
+    starts = [trace.HEADER.index(w) for w in ("COMMAND", "FAMILY", "DESTINATION", "PROTO",
+                                              "RESULT")]
+    for ln in lines[1:]:
+        assert ln[end - 1] != " " and ln[end] == " "
+        assert all(ln[c - 1] == " " and ln[c] != " " for c in starts), ln
+    assert lines[1].split() == [lines[1].split()[0], "4242", "curl", "inet", "10.1.2.3:443",
+                                "TCP", "ECONNREFUSED"]
+    assert lines[2].split()[1:] == ["7", "busctl", "unix", "/run/dbus/system_bus_socket",
+                                    "UNIX", "ok"]
+    assert lines[3].split()[1:] == ["123456", "dig", "inet6", "[::1]:53", "UDP", "sent", "3"]
+    ev = Event.from_row(mon._store.query(1, True)[0][0], wall_offset_ns())
+    assert trace.line(ev).split()[0] == ev.timestamp.strftime("%H:%M:%S.%f")
+
+
+# ---- the real command (root) ----
+
+def start_trace(*args):
+    from test_e2e import netmon_command
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(netmon_command() + ["trace", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    ready = proc.stderr.readline()  # printed once the programs are attached
+    assert ready.startswith("netmon trace: watching"), ready + proc.stderr.read()
+    return proc
+
+
+def connect_from_child(comm, ops):
+    out = subprocess.run([sys.executable, str(CONNECTOR), comm, json.dumps(ops)], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out)["pid"]
+
+
+@pytest.fixture
+def listener():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.mark.bpf
+def test_json_count_captures_real_connects(listener):
+    comm = "nm-trace-json"
+    proc = start_trace("--json", "--count", "4", "--command", comm)
+    try:
+        connect_from_child("nm-trace-other", [{"family": "inet",
+                                               "addr": ["127.0.0.1", listener]}])
+        pid = connect_from_child(comm, [{"family": "inet", "addr": ["127.0.0.1", listener],
+                                         "repeat": 4},
+                                        {"family": "inet", "addr": ["127.0.0.1", listener]}])
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert len(events) == 4  # --count: the fifth connect is not printed
+    for e in events:
+        assert (e["pid"], e["command"], e["destination"], e["return_code"], e["kind"]) == \
+            (pid, comm, f"127.0.0.1:{listener}", 0, "connect")
+    assert [e["seq"] for e in events] == sorted({e["seq"] for e in events})
+    assert err.splitlines()[-1].startswith("netmon trace: 4 shown;")
+
+
+@pytest.mark.bpf
+def test_columns_until_sigterm(listener):
+    proc = start_trace("--port", str(listener), "--result", "ok")
+    try:
+        assert proc.stdout.readline().split() == ["TIME(UTC)", "PID", "COMMAND", "FAMILY",
+                                                  "DESTINATION", "PROTO", "RESULT"]
+        pid = connect_from_child("nm-trace-cols", [{"family": "inet",
+                                                    "addr": ["127.0.0.1", listener],
+                                                    "repeat": 2}])
+        lines = [proc.stdout.readline().split() for _ in range(2)]  # flushed per line
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    for fields in lines:
+        assert fields[1:] == [str(pid), "nm-trace-cols", "inet", f"127.0.0.1:{listener}",
+                              "TCP", "ok"]
+    assert proc.returncode == 0 and out == ""
+    assert err.splitlines()[-1].startswith("netmon trace: 2 shown; the kernel saw ")
