@@ -6,10 +6,12 @@ import threading
 import schemathesis
 from hypothesis import HealthCheck, settings
 from openapi_spec_validator import validate
-from schemathesis.specs.openapi.checks import (content_type_conformance,
-                                               response_headers_conformance,
-                                               response_schema_conformance,
-                                               status_code_conformance)
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 from test_api import Healthy, call
 
 from netmon.api import make_app
