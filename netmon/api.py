@@ -303,7 +303,9 @@ def make_app(monitor: Monitor, server_stats: Optional[Callable[[], dict]] = None
         body = {"status": "healthy" if ok else "unhealthy", "service": "netmon",
                 "version": __version__, "uptime_seconds": round(stats["uptime_seconds"], 3),
                 "events_captured": stats["captured"], "events_dropped": stats["dropped_total"],
-                "events_evicted": stats["evicted"]}
+                "events_evicted": stats["evicted"], "backend": stats["backend"]}
+        if stats["missing_hooks"]:
+            body["missing_hooks"] = stats["missing_hooks"]
         if not ok:
             body["reason"] = reason
             bottle.response.status = 503

@@ -95,10 +95,11 @@ TOP_ENTRY = _obj(("count", "failed", "last_seen"), count=INT, failed=INT, last_s
                  service=_null(STR), error=_null(STR), return_code=_null({"type": "integer"}))
 
 HEALTH = _obj(("status", "service", "version", "uptime_seconds", "events_captured",
-               "events_dropped", "events_evicted"),
+               "events_dropped", "events_evicted", "backend"),
               status={"enum": ["healthy", "unhealthy"]}, service=STR, version=STR,
               uptime_seconds={"type": "number"}, events_captured=INT, events_dropped=INT,
-              events_evicted=INT, reason=STR)
+              events_evicted=INT, backend={"enum": ["syscall", "cgroup", "auto"]}, reason=STR,
+              missing_hooks={"type": "array", "items": STR})
 
 PARAMETERS = {
     "pid": _param("pid", "only this process (tgid)", {"type": "integer", "minimum": 0,

@@ -112,7 +112,8 @@ def test_health_healthy(mon):
     assert r.body["events_captured"] == 3
     assert r.body["events_dropped"] == 0
     assert r.body["uptime_seconds"] >= 0
-    assert "reason" not in r.body
+    assert r.body["backend"] == "syscall"
+    assert "reason" not in r.body and "missing_hooks" not in r.body
 
 
 def test_health_unhealthy_when_detached(app):
