@@ -7,7 +7,7 @@ returns, after the store's lock is released.
 """
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy, memset, strlen
+from libc.string cimport memcpy, memset
 from libc.errno cimport errno
 from cpython.bytes cimport PyBytes_FromStringAndSize
 cimport libbpf as bpf
@@ -415,8 +415,8 @@ cdef class Probe:
         if self.rb == NULL:
             raise OSError(errno, "cannot set up the ring buffer consumer")
         if udp_sends:
-            self.st.udp_fd = bpf.bpf_map__fd(bpf.bpf_object__find_map_by_name(self.obj,
-                                                                             "udp_flows"))
+            self.st.udp_fd = bpf.bpf_map__fd(
+                bpf.bpf_object__find_map_by_name(self.obj, "udp_flows"))
 
     def attach(self, int cgroup_fd=-1):
         """Attach every loaded program: tracepoints; cgroup hooks to cgroup_fd (bpf links:

@@ -251,7 +251,8 @@ def _log_faults(callback):
             raise _bad_request(str(e)) from None
         except Exception:
             log.exception("%s %s failed", bottle.request.method, bottle.request.path)
-            raise bottle.HTTPError(500, "internal server error; the netmon log has details")
+            raise bottle.HTTPError(500, "internal server error; the netmon log has details") \
+                from None
     return wrapper
 
 

@@ -10,10 +10,9 @@ import sys
 import threading
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
-from . import __version__
+from . import __version__, systemd
 from .api import make_app
 from .monitor import BACKENDS, DEFAULT_CAPACITY, DEFAULT_RINGBUF_BYTES, Monitor, MonitorError
-from . import systemd
 from .security import Guard, SecurityError, is_loopback, read_token
 from .server import Server, ServerError, ShutdownSignals, host_port
 

@@ -7,7 +7,7 @@ import datetime as _dt
 import errno as _errno
 import ipaddress
 import re
-from typing import Optional, Union
+from typing import Union
 
 from . import _core
 from .event import AF_INET, AF_INET6, AF_UNIX, KINDS, PROTOCOL_NUMBERS, wall_offset_ns
@@ -32,7 +32,8 @@ def parse_time(param: str, text: str) -> _dt.datetime | _dt.timedelta:
     try:
         t = _dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
-        raise FilterError(param, "must be RFC 3339 (2026-11-27T14:30:00Z) or an age like 300s")
+        raise FilterError(param, "must be RFC 3339 (2026-11-27T14:30:00Z) or an age like "
+                                 "300s") from None
     if t.tzinfo is None:
         raise FilterError(param, "RFC 3339 timestamp needs a zone (Z or +hh:mm)")
     return t
@@ -82,7 +83,7 @@ def _dest(v: str):
         net = ipaddress.ip_network(v, strict=False)
     except ValueError:
         raise FilterError("dest", "must be an IP, a CIDR like 10.0.0.0/8, or a unix path "
-                                  "prefix starting with / or @")
+                                  "prefix starting with / or @") from None
     return (AF_INET if net.version == 4 else AF_INET6), net.network_address.packed, net.prefixlen
 
 

@@ -56,7 +56,8 @@ def _ensure_tracefs() -> None:
         if libc.mount(b"tracefs", TRACEFS.encode(), b"tracefs", 0, None) != 0:
             err = ctypes.get_errno()
             raise MonitorError(f"tracefs is not mounted and mounting it at {TRACEFS} failed "
-                               f"({os.strerror(err)}); mount it: mount -t tracefs tracefs {TRACEFS}")
+                               f"({os.strerror(err)}); mount it: "
+                               f"mount -t tracefs tracefs {TRACEFS}")
     if not os.path.exists(os.path.join(TRACEFS, CONNECT_TP)):
         raise MonitorError(f"{TRACEFS}/{CONNECT_TP} does not exist: this kernel lacks syscall "
                            "tracepoints (CONFIG_FTRACE_SYSCALLS) or tracefs is not mounted there")
@@ -111,7 +112,8 @@ def _load_error(e: OSError) -> MonitorError:
 def _check_ringbuf(n: int) -> int:
     page = os.sysconf("SC_PAGE_SIZE")
     if not isinstance(n, int) or n < page or n & (n - 1) or n > 1 << 30:
-        raise ValueError(f"ringbuf_bytes must be a power of two between {page} and 1 GiB, got {n!r}")
+        raise ValueError(f"ringbuf_bytes must be a power of two between {page} and 1 GiB, "
+                         f"got {n!r}")
     return n
 
 

@@ -7,12 +7,15 @@ import time
 import uuid
 
 import pytest
+from test_kernel import (  # noqa: F401 (fixtures below)
+    _bpftool,
+    listeners,  # noqa: F401
+    run_child,
+    wait_for,
+)
 
 from netmon import Monitor
 from netmon.monitor import cgroup2_root
-
-from test_kernel import _bpftool, run_child, wait_for  # noqa: F401 (fixtures below)
-from test_kernel import listeners  # noqa: F401
 
 pytestmark = pytest.mark.bpf
 URING = os.path.join(os.path.dirname(__file__), "uring_connect.py")

@@ -11,10 +11,9 @@ import time
 import uuid
 
 import pytest
+from test_security import start, stop
 
 from netmon.monitor import cgroup2_root
-
-from test_security import start, stop
 
 pytestmark = pytest.mark.bpf
 SECONDS = float(os.environ.get("NETMON_FLOOD_SECONDS", "60"))

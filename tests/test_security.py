@@ -10,12 +10,11 @@ import time
 import urllib.request
 
 import pytest
+from test_e2e import bpf_ids, free_port, http, netmon_command, prog_ids_held_by
 
 from netmon import api
 from netmon.security import Guard, SecurityError, is_loopback, read_token
 from netmon.testing import record, synthetic_monitor
-
-from test_e2e import free_port, http, netmon_command, prog_ids_held_by, bpf_ids
 
 TOKEN = "s3cret-token-0123456789abcdef"
 

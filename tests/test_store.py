@@ -349,7 +349,7 @@ def test_top_groups_counts_and_failures():
     m.inject(record(pid=3, comm="old", ip="10.0.0.3", port=80, age=120))
     for i in range(10):
         m.inject(record(pid=1, comm="curl", ip="10.0.0.1", port=443, ret=-111 if i < 3 else 0))
-    for i in range(5):
+    for _ in range(5):
         m.inject(record(pid=2, comm="wget", ip="10.0.0.2", port=80))
     top, groups, matched = m.top("destination", 10, since=dt.timedelta(seconds=60))
     assert [(e.destination, n, f) for e, n, f in top] == [("10.0.0.1:443", 10, 3),
