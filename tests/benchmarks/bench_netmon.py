@@ -54,7 +54,8 @@ LOADS = {  # name: (loadgen arguments, label)
 }
 RATIO_TARGET = {"udp": 0.83, "tcp": 0.90, "udp6": 0.83}
 CPU_TARGET_NS = 150
-BPFTRACE_PROG = 'tracepoint:syscalls:sys_exit_connect { printf("%d %s %d\\n", pid, comm, args->ret); }'
+BPFTRACE_PROG = ('tracepoint:syscalls:sys_exit_connect '
+                 '{ printf("%d %s %d\\n", pid, comm, args->ret); }')
 
 # Row 4: the full synthetic store and the queries timed against it
 FULL_EVENTS, FULL_PIDS, FULL_DESTS = 1 << 20, 1000, 10_000
@@ -156,10 +157,13 @@ class Client:
             self.conn.close()
 
 
+def run_out(*cmd) -> str:
+    return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip()
+
+
 def bpf_attachments() -> list:
     """Every BPF program attached to a tracepoint or probe: [{pid, prog_id, tracepoint}]."""
-    out = subprocess.run(["bpftool", "-j", "perf", "show"], capture_output=True, text=True, check=False)
-    return json.loads(out.stdout or "[]")
+    return json.loads(run_out("bpftool", "-j", "perf", "show") or "[]")
 
 
 def foreign_connect_hooks() -> int:
@@ -174,9 +178,7 @@ def prog_stats(pid: int) -> dict:
     out = {}
     for a in bpf_attachments():
         if a.get("pid") == pid:
-            info = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id",
-                                              str(a["prog_id"])], capture_output=True,
-                                             text=True, check=False).stdout)
+            info = json.loads(run_out("bpftool", "-j", "prog", "show", "id", str(a["prog_id"])))
             out[info["name"]] = (info.get("run_cnt", 0), info.get("run_time_ns", 0))
     return out
 
@@ -246,9 +248,8 @@ class Bpftrace:
             time.sleep(0.01)
 
     def attached(self) -> bool:
-        out = subprocess.run(["bpftool", "-j", "perf", "show"], capture_output=True, text=True, check=False)
         return any(p.get("pid") == self.pid and p.get("tracepoint") == "sys_exit_connect"
-                   for p in json.loads(out.stdout or "[]"))
+                   for p in bpf_attachments())
 
     def stop(self, pid: int):
         """(lines printed for pid, events bpftrace reported lost)"""
@@ -380,7 +381,7 @@ def bench_queries(res: dict) -> None:
         info = json.loads(line)
         res["full_store"] = info
         client, rng = Client(info["port"]), random.Random(7)
-        for key, label, method, path, body, _ in QUERIES:
+        for key, _label, method, path, body, _ in QUERIES:
             lat, status, answer = [], None, None
             for _ in range(QUERY_REQUESTS):
                 pid, cmd = 1000 + rng.randrange(FULL_PIDS), rng.randrange(100)
@@ -410,7 +411,8 @@ def bench_queries(res: dict) -> None:
 
 def hammer(port, method, path, body_fn, secs) -> dict:
     """THROUGHPUT_CLIENTS threads, each on its own keep-alive connection, for secs."""
-    counts, errors, stop = [0] * THROUGHPUT_CLIENTS, [0] * THROUGHPUT_CLIENTS, time.monotonic() + secs
+    counts, errors = [0] * THROUGHPUT_CLIENTS, [0] * THROUGHPUT_CLIENTS
+    stop = time.monotonic() + secs
 
     def worker(i):
         c = Client(port)
@@ -482,15 +484,13 @@ def bench_server(res: dict) -> None:
 
 def machine() -> dict:
     cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
-    git = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True,
-                                    text=True, check=False).stdout.strip()
     bt = shutil.which("bpftrace")
+    dirty = run_out("git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no")
     return {"nproc": os.cpu_count(), "kernel": platform.release(),
             "cpu": cpu.group(1) if cpu else "?", "python": platform.python_version(),
-            "commit": git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain",
-                                                                              "--untracked-files=no") else ""),
-            "bpftrace": subprocess.run([bt, "--version"], capture_output=True, text=True, check=False)
-            .stdout.strip() if bt else None,
+            "commit": run_out("git", "-C", str(ROOT), "rev-parse", "--short", "HEAD")
+            + ("+dirty" if dirty else ""),
+            "bpftrace": run_out(bt, "--version") if bt else None,
             "load_cpu": LOAD_CPU, "monitor_cpu": MON_CPU, "pairs": PAIRS,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
@@ -597,7 +597,8 @@ def summarize(res: dict) -> tuple:
     if sc:
         v = sc["cpu_ns"] / sc["calls"]
         row("UDP loop (200k) with netmon's store already full (wrapping, no first-touch page "
-            "faults): netmon process CPU per event", f"{v:.0f} ns (idle {sc['idle_ns'] / sc['calls']:.0f} ns)",
+            "faults): netmon process CPU per event",
+            f"{v:.0f} ns (idle {sc['idle_ns'] / sc['calls']:.0f} ns)",
             f"≤ {CPU_TARGET_NS} ns", v <= CPU_TARGET_NS)
     tp = res.get("throughput")
     if tp:
@@ -652,7 +653,8 @@ def summarize(res: dict) -> tuple:
 
 def run_parts(res: dict, bpftrace: bool) -> None:
     for part, fn in (("loads", lambda: bench_loads(res, bpftrace)),
-                     ("queries", lambda: bench_queries(res)), ("server", lambda: bench_server(res))):
+                     ("queries", lambda: bench_queries(res)),
+                     ("server", lambda: bench_server(res))):
         if part in ONLY:
             fn()
 
