@@ -31,18 +31,6 @@ struct trace_event_raw_sys_exit {
 	long ret;
 };
 
-/* context of sock:inet_sock_set_state */
-struct trace_event_raw_inet_sock_set_state {
-	struct trace_entry ent;
-	const void *skaddr;
-	int oldstate;
-	int newstate;
-	__u16 sport;
-	__u16 dport;
-	__u16 family;
-	__u16 protocol;
-};
-
 struct inode {
 	unsigned short i_mode;
 };

@@ -3,7 +3,7 @@
  *
  * sys_enter_connect copies the caller's sockaddr into a per-thread pending slot;
  * sys_exit_connect turns it and the return value into one netmon_event on the ring
- * buffer. inet_sock_set_state times each TCP handshake (SYN sent -> established or
+ * buffer. A raw tracepoint on inet_sock_set_state times each TCP handshake (SYN sent -> established or
  * closed) and sends its outcome, which the store joins to the connect by socket.
  * The cgroup backend replaces the two syscall tracepoints with cgroup/connect4, connect6
  * and connect_unix hooks on the cgroup v2 root: no cost to other syscalls, and connects
@@ -57,13 +57,15 @@ struct pending {
 	__u32 salen; /* bytes of sa read from the caller (0: unreadable) */
 	__u32 addrlen; /* addrlen the caller passed */
 	__s32 fd;
-	__u32 _pad;
+	__u32 active; /* set at enter, cleared at exit */
 };
 
+/* the connect in progress on each thread: task storage, filled in place at enter and
+ * marked used at exit, no hash insert or delete per connect */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
-	__type(key, __u64); /* pid_tgid */
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, struct pending);
 } inflight SEC(".maps");
 
@@ -106,13 +108,6 @@ struct {
 	__type(value, struct netmon_event);
 } scratch_event SEC(".maps");
 
-/* pending is too large for the 512-byte stack together with the rest: build it here */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct pending);
-} scratch SEC(".maps");
 
 static __always_inline void count_drop(__u32 reason)
 {
@@ -133,14 +128,19 @@ static __always_inline void submit(struct netmon_event *e)
 SEC("tracepoint/syscalls/sys_enter_connect")
 int netmon_connect_enter(struct trace_event_raw_sys_enter *ctx)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	__u32 zero = 0;
-	struct pending *p = bpf_map_lookup_elem(&scratch, &zero);
 	const void *uaddr = (const void *)ctx->args[1];
 	__u64 len = (__u32)ctx->args[2];
+	struct pending *p;
 
-	if (!p || out_of_scope())
+	if (out_of_scope())
 		return 0;
+	p = bpf_task_storage_get(&inflight, bpf_get_current_task_btf(), 0,
+				 BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!p) {
+		count_drop(NETMON_DROP_INFLIGHT_FULL);
+		return 0;
+	}
+	p->active = 1;
 	p->fd = ctx->args[0];
 	p->addrlen = len;
 	if (len > SA_MAX)
@@ -151,8 +151,6 @@ int netmon_connect_enter(struct trace_event_raw_sys_enter *ctx)
 	p->salen = len;
 	if (len < 2 || bpf_probe_read_user(p->sa, len, uaddr) < 0)
 		p->salen = 0;
-	if (bpf_map_update_elem(&inflight, &id, p, BPF_ANY) < 0)
-		count_drop(NETMON_DROP_INFLIGHT_FULL);
 	return 0;
 }
 
@@ -190,11 +188,11 @@ SEC("tracepoint/syscalls/sys_exit_connect")
 int netmon_connect_exit(struct trace_event_raw_sys_exit *ctx)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	struct pending *p = bpf_map_lookup_elem(&inflight, &id);
+	struct pending *p = bpf_task_storage_get(&inflight, bpf_get_current_task_btf(), 0, 0);
 	struct netmon_event *e;
 	__u64 ts;
 
-	if (!p) {
+	if (!p || !p->active) {
 		if (out_of_scope())
 			return 0;
 		count_drop(NETMON_DROP_NO_ENTER);
@@ -202,9 +200,9 @@ int netmon_connect_exit(struct trace_event_raw_sys_exit *ctx)
 	}
 	ts = bpf_ktime_get_boot_ns();
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	p->active = 0;
 	if (!e) {
 		count_drop(NETMON_DROP_RINGBUF_FULL);
-		bpf_map_delete_elem(&inflight, &id);
 		return 0;
 	}
 	e->ts_ns = ts;
@@ -260,18 +258,22 @@ int netmon_connect_exit(struct trace_event_raw_sys_exit *ctx)
 		e->outcome = e->ret == 0 ? NETMON_OUTCOME_ESTABLISHED :
 			     e->ret == -EINPROGRESS ? NETMON_OUTCOME_PENDING : NETMON_OUTCOME_FAILED;
 	submit(e);
-	bpf_map_delete_elem(&inflight, &id);
 	return 0;
 }
 
-SEC("tracepoint/sock/inet_sock_set_state")
-int netmon_tcp_state(struct trace_event_raw_inet_sock_set_state *ctx)
+/* a raw tracepoint: the kernel does not format a trace record for each of the ~8 state
+ * changes of a loopback connection (both ends) before the program can say "not mine" */
+SEC("raw_tp/inet_sock_set_state")
+int netmon_tcp_state(struct bpf_raw_tracepoint_args *ctx)
 {
-	__u64 sk = (__u64)ctx->skaddr, now, *sent;
-	int newstate = ctx->newstate;
+	/* (const struct sock *sk, const int oldstate, const int newstate) */
+	__u64 sk = ctx->args[0], now, *sent;
+	int oldstate = ctx->args[1], newstate = ctx->args[2];
 	struct netmon_event *e;
 
-	if (ctx->protocol != IPPROTO_TCP)
+	if (newstate != TCP_SYN_SENT && oldstate != TCP_SYN_SENT)
+		return 0;
+	if (BPF_CORE_READ((struct sock *)sk, sk_protocol) != IPPROTO_TCP)
 		return 0;
 	if (newstate == TCP_SYN_SENT) { /* in the connecting task: scope applies here */
 		if (out_of_scope())
@@ -280,8 +282,6 @@ int netmon_tcp_state(struct trace_event_raw_inet_sock_set_state *ctx)
 		bpf_map_update_elem(&syn_sent, &sk, &now, BPF_ANY);
 		return 0;
 	}
-	if (ctx->oldstate != TCP_SYN_SENT)
-		return 0;
 	sent = bpf_map_lookup_elem(&syn_sent, &sk);
 	if (!sent)
 		return 0; /* the SYN went out before we attached */

@@ -36,7 +36,7 @@ enum netmon_outcome {
 /* per-CPU counters of records the kernel could not deliver */
 enum netmon_drop {
 	NETMON_DROP_RINGBUF_FULL = 0, /* bpf_ringbuf_reserve() failed */
-	NETMON_DROP_INFLIGHT_FULL = 1, /* enter could not store its pending sockaddr */
+	NETMON_DROP_INFLIGHT_FULL = 1, /* enter could not get task storage for its sockaddr */
 	NETMON_DROP_NO_ENTER = 2, /* exit without a matching enter */
 	NETMON_DROP_OUTCOME = 3, /* a TCP outcome found the ring full (its event stays pending) */
 	NETMON_DROP_UDP_FLOWS_FULL = 4, /* a UDP send's (process, destination) found no room */

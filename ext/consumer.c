@@ -9,6 +9,7 @@
 #include <bpf/bpf.h>
 #include "consumer.h"
 
+#define POLL_IDLE_MAX_MS 40 /* the longest a record waits after an idle spell */
 #define UDP_SWEEP_NS 100000000ull /* sweep udp_flows every 100 ms */
 #define UDP_WINDOW_NS 1000000000ull /* one udp_send event per destination per second */
 
@@ -51,7 +52,7 @@ int nm_udp_sweep(int fd, struct nm_store *store, uint64_t min_age_ns)
 
 int nm_poll_loop(struct ring_buffer *rb, struct nm_poll_state *st, int timeout_ms)
 {
-	int err = 0;
+	int err = 0, wait = timeout_ms;
 
 	st->last_poll_ns = nm_boot_ns();
 	while (!st->stop) {
@@ -60,12 +61,17 @@ int nm_poll_loop(struct ring_buffer *rb, struct nm_poll_state *st, int timeout_m
 
 			nanosleep(&d, NULL);
 		} else {
-			err = ring_buffer__poll(rb, timeout_ms);
-			if (err >= 0 || err == -EINTR)
-				err = ring_buffer__consume(rb);
-			if (err < 0 && err != -EINTR)
+			int woken = ring_buffer__poll(rb, wait);
+			int got = woken >= 0 || woken == -EINTR ? ring_buffer__consume(rb) : woken;
+
+			if (got < 0 && got != -EINTR) {
+				err = got;
 				break;
-			err = 0;
+			}
+			/* idle: wake less often (each wake-up costs tens of µs here), up to
+			 * POLL_IDLE_MAX_MS; as soon as records flow, back to timeout_ms */
+			wait = woken > 0 || got > 0 ? timeout_ms
+			       : wait * 2 < POLL_IDLE_MAX_MS ? wait * 2 : POLL_IDLE_MAX_MS;
 		}
 		st->last_poll_ns = nm_boot_ns();
 		if (st->udp_fd >= 0 && st->last_poll_ns - st->udp_swept_ns >= UDP_SWEEP_NS) {

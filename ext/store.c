@@ -2,38 +2,62 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include "store.h"
+
+/* Zeroed memory whose pages are touched (and counted in RSS) only as the ring fills, in
+ * transparent huge pages where the kernel allows: a fresh store otherwise spends a
+ * quarter of the consumer's time in page faults. */
+static void *big_alloc(size_t size)
+{
+	void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	if (p == MAP_FAILED)
+		return NULL;
+	madvise(p, size, MADV_HUGEPAGE); /* advice only: fine if refused */
+	return p;
+}
 
 int nm_store_init(struct nm_store *s, uint64_t capacity)
 {
 	memset(s, 0, sizeof(*s));
-	if (capacity == 0)
+	if (capacity == 0 || capacity > (1ull << 40) / sizeof(*s->ring))
 		return -EINVAL;
-	/* calloc'd pages are only touched (and counted in RSS) as the ring fills */
-	s->ring = calloc(capacity, sizeof(*s->ring));
+	s->ring = big_alloc(capacity * sizeof(*s->ring));
+	s->keys = big_alloc(capacity * sizeof(*s->keys));
 	s->waiting = calloc(NM_JOIN_SLOTS, sizeof(*s->waiting));
 	s->early = calloc(NM_JOIN_SLOTS, sizeof(*s->early));
-	if (!s->ring || !s->waiting || !s->early) {
-		free(s->ring);
-		free(s->waiting);
-		free(s->early);
-		s->ring = NULL;
+	s->capacity = capacity;
+	if (!s->ring || !s->keys || !s->waiting || !s->early) {
+		nm_store_free(s);
 		return -ENOMEM;
 	}
-	s->capacity = capacity;
 	pthread_mutex_init(&s->lock, NULL);
 	return 0;
 }
 
 void nm_store_free(struct nm_store *s)
 {
-	if (!s->ring)
+	if (!s->capacity)
 		return;
-	pthread_mutex_destroy(&s->lock);
-	free(s->ring);
+	if (s->ring && s->keys && s->waiting && s->early)
+		pthread_mutex_destroy(&s->lock);
+	if (s->ring)
+		munmap(s->ring, s->capacity * sizeof(*s->ring));
+	if (s->keys)
+		munmap(s->keys, s->capacity * sizeof(*s->keys));
 	free(s->waiting);
 	free(s->early);
-	s->ring = NULL;
+	memset(s, 0, sizeof(*s));
+}
+
+static inline uint32_t comm_tag(const char *comm)
+{
+	uint64_t a, b;
+
+	memcpy(&a, comm, 8);
+	memcpy(&b, comm + 8, 8);
+	return (uint32_t)(((a * 0x9E3779B97F4A7C15ull) ^ b) * 0xC2B2AE3D27D4EB4Full >> 32) & ~0xffu;
 }
 
 static inline uint64_t held(const struct nm_store *s)
@@ -146,11 +170,14 @@ int nm_store_push(struct nm_store *s, const void *data, size_t size)
 		else
 			s->unmatched++;
 	} else {
-		struct netmon_event *e = &s->ring[s->head % s->capacity];
+		uint64_t slot = s->head % s->capacity;
+		struct netmon_event *e = &s->ring[slot];
 
 		if (s->head >= s->capacity)
 			s->evicted++;
 		memcpy(e, in, sizeof(*e));
+		s->keys[slot].pid = e->pid;
+		s->keys[slot].tag = comm_tag(e->comm) | e->kind;
 		s->head++;
 		if (e->kind == NETMON_KIND_CONNECT)
 			count_attempt(s, e);
@@ -267,6 +294,70 @@ static inline int match(const struct nm_filter *f, const struct netmon_event *e)
 	return 1;
 }
 
+/* the part of a filter the key column can answer */
+struct prefilter {
+	uint32_t pid, tag, tagmask;
+	int by_pid;
+};
+
+static struct prefilter prefilter_of(const struct nm_filter *f)
+{
+	struct prefilter p = {f->pid, 0, 0, !!(f->mask & NM_Q_PID)};
+
+	if (f->mask & NM_Q_COMM) {
+		p.tag |= comm_tag(f->comm);
+		p.tagmask |= ~0xffu;
+	}
+	if (f->mask & NM_Q_KIND) {
+		p.tag |= f->kind;
+		p.tagmask |= 0xffu;
+	}
+	return p;
+}
+
+static inline int prematch(const struct prefilter *p, const struct nm_key *k)
+{
+	return (!p->by_pid || k->pid == p->pid) && (k->tag & p->tagmask) == p->tag;
+}
+
+/* a walk over the logical range [lo, hi), oldest first or newest first (back) */
+struct cursor {
+	uint64_t i, slot, left;
+	int back;
+};
+
+static inline struct cursor walk(const struct nm_store *s, uint64_t first, uint64_t lo,
+				 uint64_t hi, int back)
+{
+	uint64_t i = back && hi > lo ? hi - 1 : lo;
+
+	return (struct cursor){i, (first - 1 + i) % s->capacity, hi - lo, back};
+}
+
+static inline void step(const struct nm_store *s, struct cursor *c)
+{
+	c->left--;
+	if (c->back) {
+		c->i--;
+		c->slot = c->slot ? c->slot - 1 : s->capacity - 1;
+	} else {
+		c->i++;
+		c->slot = c->slot + 1 == s->capacity ? 0 : c->slot + 1;
+	}
+}
+
+/* the record at c if it matches f (the key column first), else NULL */
+static inline const struct netmon_event *hit(const struct nm_store *s, const struct cursor *c,
+					      const struct prefilter *p, const struct nm_filter *f)
+{
+	const struct netmon_event *e;
+
+	if (!prematch(p, &s->keys[c->slot]))
+		return NULL;
+	e = &s->ring[c->slot];
+	return match(f, e) ? e : NULL;
+}
+
 /* a growable array of hits */
 struct hits {
 	struct nm_hit *v;
@@ -307,16 +398,17 @@ int nm_store_query(struct nm_store *s, const struct nm_filter *f, uint64_t limit
 	uint64_t first, lo, hi, count = 0;
 	int err = 0;
 
+	struct prefilter p = prefilter_of(f);
+
 	pthread_mutex_lock(&s->lock);
 	window(s, f, &first, &lo, &hi);
-	for (uint64_t k = 0; k < hi - lo; k++) {
-		uint64_t i = newest ? hi - 1 - k : lo + k;
-		const struct netmon_event *e = at(s, first, i);
+	for (struct cursor c = walk(s, first, lo, hi, newest); c.left; step(s, &c)) {
+		const struct netmon_event *e = hit(s, &c, &p, f);
 
-		if (!match(f, e))
+		if (!e)
 			continue;
 		count++;
-		if (out && (limit == 0 || h.n < limit) && (err = hits_add(&h, first + i, e)))
+		if (out && (limit == 0 || h.n < limit) && (err = hits_add(&h, first + c.i, e)))
 			break;
 		if (out && limit && h.n == limit && !newest && !matched)
 			break;
@@ -390,14 +482,16 @@ int nm_store_latest_per_pid(struct nm_store *s, const struct nm_filter *f, uint6
 	uint64_t first, lo, hi;
 	int err = 0;
 
+	struct prefilter p = prefilter_of(f);
+
 	*truncated = 0;
 	pthread_mutex_lock(&s->lock);
 	window(s, f, &first, &lo, &hi);
-	for (uint64_t i = hi; i-- > lo;) {
-		const struct netmon_event *e = at(s, first, i);
+	for (struct cursor cur = walk(s, first, lo, hi, 1); cur.left; step(s, &cur)) {
+		const struct netmon_event *e = hit(s, &cur, &p, f);
 		struct pidcount *c;
 
-		if (!match(f, e))
+		if (!e)
 			continue;
 		if (!(c = pidmap_get(&m, e->pid))) {
 			err = -ENOMEM;
@@ -405,9 +499,11 @@ int nm_store_latest_per_pid(struct nm_store *s, const struct nm_filter *f, uint6
 		}
 		if (c->count++ >= per_pid) {
 			*truncated = 1;
+			if (p.by_pid) /* the one pid asked for is complete */
+				break;
 			continue;
 		}
-		if ((err = hits_add(&h, first + i, e)))
+		if ((err = hits_add(&h, first + cur.i, e)))
 			break;
 	}
 	pthread_mutex_unlock(&s->lock);
@@ -449,9 +545,12 @@ static size_t group_key(int by, const struct netmon_event *e, uint8_t *key)
 	}
 }
 
+/* 40 bytes a group: the representative stays in the ring (by slot), so even a window
+ * where every record is its own group costs a fraction of the store */
 struct group {
 	uint64_t hash; /* 0: empty slot */
-	struct nm_top t;
+	uint64_t count, failed;
+	uint64_t slot, ts; /* the group's newest record */
 };
 
 static uint64_t fnv1a(const uint8_t *p, size_t n)
@@ -465,11 +564,31 @@ static uint64_t fnv1a(const uint8_t *p, size_t n)
 
 static int by_count_desc(const void *a, const void *b)
 {
-	const struct nm_top *x = a, *y = b;
+	const struct group *x = a, *y = b;
 
 	if (x->count != y->count)
 		return x->count < y->count ? 1 : -1;
-	return x->rep.ts_ns < y->rep.ts_ns ? 1 : x->rep.ts_ns > y->rep.ts_ns ? -1 : 0;
+	return x->ts < y->ts ? 1 : x->ts > y->ts ? -1 : 0;
+}
+
+static int grow(struct group **g, uint64_t *cap)
+{
+	uint64_t ncap = *cap ? *cap * 2 : 256, j;
+	struct group *ng = calloc(ncap, sizeof(*ng));
+
+	if (!ng)
+		return -ENOMEM;
+	for (uint64_t k = 0; k < *cap; k++) {
+		if (!(*g)[k].hash)
+			continue;
+		for (j = (*g)[k].hash & (ncap - 1); ng[j].hash; j = (j + 1) & (ncap - 1))
+			;
+		ng[j] = (*g)[k];
+	}
+	free(*g);
+	*g = ng;
+	*cap = ncap;
+	return 0;
 }
 
 int nm_store_top(struct nm_store *s, const struct nm_filter *f, int by, uint64_t limit,
@@ -477,68 +596,57 @@ int nm_store_top(struct nm_store *s, const struct nm_filter *f, int by, uint64_t
 {
 	uint8_t key[8 + NETMON_ADDR_LEN], other[8 + NETMON_ADDR_LEN];
 	struct group *g = NULL;
-	uint64_t cap = 0, used = 0, count = 0, first, lo, hi;
-	struct nm_top *res;
+	uint64_t cap = 0, used = 0, count = 0, first, lo, hi, take;
+	struct prefilter p = prefilter_of(f);
+	struct nm_top *res = NULL;
+	int err = 0;
 
 	pthread_mutex_lock(&s->lock);
 	window(s, f, &first, &lo, &hi);
-	for (uint64_t i = hi; i-- > lo;) {
-		const struct netmon_event *e = at(s, first, i);
+	for (struct cursor cur = walk(s, first, lo, hi, 1); cur.left; step(s, &cur)) {
+		const struct netmon_event *e = hit(s, &cur, &p, f);
 		size_t klen;
 		uint64_t h, j;
 
-		if (!match(f, e) || (by == NM_BY_ERROR && !nm_failed(e)))
+		if (!e || (by == NM_BY_ERROR && !nm_failed(e)))
 			continue;
 		count++;
-		if ((used + 1) * 2 > cap) { /* grow and rehash */
-			uint64_t ncap = cap ? cap * 2 : 256;
-			struct group *ng = calloc(ncap, sizeof(*ng));
-
-			if (!ng) {
-				pthread_mutex_unlock(&s->lock);
-				free(g);
-				return -ENOMEM;
-			}
-			for (uint64_t k = 0; k < cap; k++) {
-				if (!g[k].hash)
-					continue;
-				for (j = g[k].hash & (ncap - 1); ng[j].hash; j = (j + 1) & (ncap - 1))
-					;
-				ng[j] = g[k];
-			}
-			free(g);
-			g = ng;
-			cap = ncap;
-		}
+		if ((used + 1) * 2 > cap && (err = grow(&g, &cap)))
+			goto out;
 		klen = group_key(by, e, key);
 		h = fnv1a(key, klen);
 		for (j = h & (cap - 1); g[j].hash; j = (j + 1) & (cap - 1)) {
-			if (g[j].hash == h && group_key(by, &g[j].t.rep, other) == klen &&
+			if (g[j].hash == h && group_key(by, &s->ring[g[j].slot], other) == klen &&
 			    memcmp(key, other, klen) == 0)
 				break;
 		}
-		if (!g[j].hash) {
-			g[j].hash = h;
-			g[j].t.rep = *e; /* newest first: the group's newest event */
+		if (!g[j].hash) { /* newest first: the first record seen is the newest */
+			g[j] = (struct group){h, 0, 0, cur.slot, e->ts_ns};
 			used++;
 		}
-		g[j].t.count++;
-		g[j].t.failed += nm_failed(e);
+		g[j].count++;
+		g[j].failed += nm_failed(e);
 	}
-	pthread_mutex_unlock(&s->lock);
-
-	res = malloc((used ? used : 1) * sizeof(*res));
-	if (!res) {
-		free(g);
-		return -ENOMEM;
-	}
-	for (uint64_t k = 0, m = 0; k < cap; k++)
+	for (uint64_t k = 0, m = 0; k < cap; k++) /* compact, then rank */
 		if (g[k].hash)
-			res[m++] = g[k].t;
+			g[m++] = g[k];
+	if (used)
+		qsort(g, used, sizeof(*g), by_count_desc);
+	take = limit && limit < used ? limit : used;
+	res = malloc((take ? take : 1) * sizeof(*res));
+	if (!res) {
+		err = -ENOMEM;
+		goto out;
+	}
+	for (uint64_t k = 0; k < take; k++) /* copied while the ring still holds them */
+		res[k] = (struct nm_top){g[k].count, g[k].failed, s->ring[g[k].slot]};
+out:
+	pthread_mutex_unlock(&s->lock);
 	free(g);
-	qsort(res, used, sizeof(*res), by_count_desc);
+	if (err)
+		return err;
 	*out = res;
-	*n = limit && limit < used ? limit : used;
+	*n = take;
 	*groups = used;
 	*matched = count;
 	return 0;

@@ -29,9 +29,17 @@ struct nm_attempt {
 	uint64_t count;
 };
 
+/* a column beside the ring: what most queries filter on, 8 bytes instead of 128, so a
+ * scan reads the records only where these match */
+struct nm_key {
+	uint32_t pid;
+	uint32_t tag; /* top 24 bits: a hash of comm; low 8: kind */
+};
+
 struct nm_store {
 	pthread_mutex_t lock;
 	struct netmon_event *ring;
+	struct nm_key *keys;
 	uint64_t capacity;
 	uint64_t head;      /* sequence number of the newest record; 0 = none yet */
 	uint64_t evicted;   /* records overwritten before anyone could ask for them */

@@ -63,15 +63,17 @@ def _ensure_tracefs() -> None:
                            "tracepoints (CONFIG_FTRACE_SYSCALLS) or tracefs is not mounted there")
 
 
-def preflight() -> None:
-    """Check what loading needs, so the error names the real cause."""
+def preflight(tracepoints: bool = True) -> None:
+    """Check what loading needs, so the error names the real cause. Only the syscall
+    backend's tracepoints need tracefs (the others are raw tracepoints and cgroup hooks)."""
     if not _has_caps():
         raise MonitorError("permission denied: netmon needs root, or CAP_BPF and CAP_PERFMON "
                            "(run with sudo, or: setcap cap_bpf,cap_perfmon+ep on the interpreter)")
     if not os.path.exists("/sys/kernel/btf/vmlinux"):
         raise MonitorError("the kernel has no BTF (/sys/kernel/btf/vmlinux missing): netmon's "
                            "CO-RE programs need a kernel built with CONFIG_DEBUG_INFO_BTF=y")
-    _ensure_tracefs()
+    if tracepoints:
+        _ensure_tracefs()
 
 
 def cgroup2_root() -> Optional[str]:
@@ -162,7 +164,6 @@ class Monitor:
         with self._lock:
             if self._probe is not None:
                 return self
-            preflight()
             kfunc, unix_hook = _kernel_btf_has(b"bpf_cast_to_kern_ctx", b"BPF_CGROUP_UNIX_CONNECT")
             cgroot = cgroup2_root()
             if self.cgroup is not None:
@@ -173,6 +174,7 @@ class Monitor:
                 cgroot = self.cgroup
             if self.backend == "auto":
                 self.backend = "cgroup" if kfunc and cgroot else "syscall"
+            preflight(tracepoints=self.backend == "syscall")
             if (self.backend == "cgroup" or self.udp_sends) and not (kfunc and cgroot):
                 raise MonitorError(
                     "the cgroup hooks need cgroup v2 mounted and Linux 6.2+ "

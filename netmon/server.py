@@ -77,6 +77,8 @@ class _WSGIServer(wsgi.Server):
     ConnectionClass = _Connection
     max_request_header_size = MAX_HEADER_BYTES
     max_request_body_size = MAX_BODY_BYTES  # a backstop: the app answers 413 itself
+    # the connection loop's select timeout: how long stop() waits for it (cheroot: 0.5 s)
+    expiration_interval = 0.1
     bind_error: Optional[OSError] = None
 
     def bind(self, family, type, proto=0):
