@@ -16,6 +16,7 @@ from test_api import Healthy, call
 
 from netmon.api import make_app
 from netmon.openapi import SPEC
+from netmon.security import Guard
 from netmon.testing import record, synthetic_monitor
 
 
@@ -60,3 +61,22 @@ def test_every_operation_with_generated_input(case):
     response = case.call()
     assert response.status_code < 500, response.text
     case.validate_response(response, checks=CHECKS)
+
+
+# The same run with access control on (issue 6): every answer still has a documented
+# status and shape, and the token is required (a call without it is a 401).
+TOKEN = "fuzz-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+GUARDED = Guard(APP, token=TOKEN, check_host=True)
+guarded_schema = schemathesis.openapi.from_wsgi("/openapi.json", GUARDED, headers=AUTH)
+
+
+@guarded_schema.parametrize()
+@settings(max_examples=15, derandomize=True, deadline=None,
+          suppress_health_check=list(HealthCheck))
+def test_every_operation_with_auth_on(case):
+    response = case.call(headers=AUTH)
+    assert response.status_code < 500, response.text
+    case.validate_response(response, checks=CHECKS)
+    if case.path != "/health":
+        assert case.call().status_code == 401
