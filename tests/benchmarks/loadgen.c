@@ -2,11 +2,13 @@
 /* netmon benchmark load: a tight loop of connect() calls on loopback, or of a syscall
  * that never connects, timed from inside so process start-up is not counted.
  *
- *   loadgen [-n CALLS] [-t] [-6] [-p] [-r PER_SECOND]
+ *   loadgen [-n CALLS] [-t] [-6] [-p] [-s] [-r PER_SECOND]
  *     default  CALLS x { socket(SOCK_DGRAM); connect(127.0.0.1:9); close }  (no packet sent)
  *     -t       TCP to a listener of our own: { socket; connect; accept; close both, RST }
  *     -6       ::1 instead of 127.0.0.1
  *     -p       CALLS x getppid(): what a connect monitor costs unrelated syscalls
+ *     -s       CALLS x sendto(127.0.0.1:9) of 1 byte on ONE unconnected UDP socket (never
+ *              connects: only sendmsg hooks see it); `failed` counts sendto() errors
  *     -r N     pace to about N calls per second (default: flat out)
  *
  * Prints one JSON object: calls, failed, secs, rate, and the loop's user/sys CPU seconds. */
@@ -58,21 +60,22 @@ static void pace(long i, double rate, double t0)
 int main(int argc, char **argv)
 {
 	long calls = 200000, failed = 0;
-	int tcp = 0, v6 = 0, noconnect = 0, opt, lfd = -1;
+	int tcp = 0, v6 = 0, noconnect = 0, sendto_ = 0, opt, lfd = -1, ufd = -1;
 	double rate = 0;
 	struct sockaddr_storage dst = {0};
 	socklen_t dlen;
 	struct linger rst = {.l_onoff = 1, .l_linger = 0};
 
-	while ((opt = getopt(argc, argv, "n:t6pr:")) != -1) {
+	while ((opt = getopt(argc, argv, "n:t6psr:")) != -1) {
 		switch (opt) {
 		case 'n': calls = atol(optarg); break;
 		case 't': tcp = 1; break;
 		case '6': v6 = 1; break;
 		case 'p': noconnect = 1; break;
+		case 's': sendto_ = 1; break;
 		case 'r': rate = atof(optarg); break;
 		default:
-			fprintf(stderr, "usage: %s [-n CALLS] [-t] [-6] [-p] [-r PER_SECOND]\n", argv[0]);
+			fprintf(stderr, "usage: %s [-n CALLS] [-t] [-6] [-p] [-s] [-r PER_SECOND]\n", argv[0]);
 			return 2;
 		}
 	}
@@ -102,6 +105,8 @@ int main(int argc, char **argv)
 		if (getsockname(lfd, (struct sockaddr *)&dst, &dlen))
 			fail("getsockname");
 	}
+	if (sendto_ && (ufd = socket(dst.ss_family, SOCK_DGRAM, 0)) < 0)
+		fail("socket");
 
 	double u0 = cpu(0), s0 = cpu(1), t0 = mono();
 
@@ -110,6 +115,11 @@ int main(int argc, char **argv)
 			pace(i, rate, t0);
 		if (noconnect) {
 			syscall(SYS_getppid);
+			continue;
+		}
+		if (sendto_) {
+			if (sendto(ufd, "x", 1, 0, (struct sockaddr *)&dst, dlen) != 1)
+				failed++;
 			continue;
 		}
 		int fd = socket(dst.ss_family, tcp ? SOCK_STREAM : SOCK_DGRAM, 0);
