@@ -14,3 +14,14 @@ def pytest_runtest_setup(item):
     if os.environ.get("NETMON_REQUIRE_BPF", "") not in ("", "0"):
         pytest.fail(f"{reason}, and NETMON_REQUIRE_BPF is set")
     pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cwd_outside_the_source_tree(tmp_path_factory):
+    """Children started with `python -c` or `-m netmon` put their working directory first
+    on sys.path: run everything from elsewhere, so they import the installed netmon (the
+    source tree has no built extension when testing an sdist or a wheel)."""
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(old)
