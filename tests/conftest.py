@@ -2,6 +2,7 @@
 unless NETMON_REQUIRE_BPF is set (CI sets it): then they fail, so nothing is silently
 left untested."""
 import os
+import uuid
 
 import pytest
 
@@ -25,3 +26,21 @@ def _cwd_outside_the_source_tree(tmp_path_factory):
     os.chdir(tmp_path_factory.mktemp("cwd"))
     yield
     os.chdir(old)
+
+
+class Cgroup(str):
+    """A cgroup v2 directory made for one test; enter() moves the calling process into it
+    (pass it as a subprocess preexec_fn)."""
+
+    def enter(self):
+        with open(os.path.join(self, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+
+
+@pytest.fixture
+def cgroup():
+    from netmon.monitor import cgroup2_root
+    path = Cgroup(os.path.join(cgroup2_root(), f"netmon-test-{uuid.uuid4().hex[:8]}"))
+    os.mkdir(path)
+    yield path
+    os.rmdir(path)  # empty again: every process the test put there has exited

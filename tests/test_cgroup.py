@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 from test_kernel import (  # noqa: F401 (fixtures below)
@@ -78,24 +77,15 @@ def test_io_uring_connect_seen_by_cgroup_missed_by_syscall(cgmon, listeners):  #
         f"127.0.0.1:{listeners['tcp4']}", "TCP", "established")
 
 
-def test_process_in_a_child_cgroup(cgmon, listeners):  # noqa: F811
-    path = os.path.join(cgroup2_root(), f"netmon-test-{uuid.uuid4().hex[:8]}")
-    os.mkdir(path)
-    try:
-        def enter():
-            with open(os.path.join(path, "cgroup.procs"), "w") as f:
-                f.write(str(os.getpid()))
-        op = {"family": "inet", "addr": ["127.0.0.1", listeners["tcp4"]]}
-        out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__),
-                                                           "connector.py"),
-                              "nm-cg-child", json.dumps([op])],
-                             check=True, capture_output=True, text=True, preexec_fn=enter)
-        child = json.loads(out.stdout)
-        (ev,) = wait_for(cgmon, child["pid"], 1)
-        assert ev.cgroup_id == os.stat(path).st_ino
-        assert ev.command == "nm-cg-child"
-    finally:
-        os.rmdir(path)
+def test_process_in_a_child_cgroup(cgmon, listeners, cgroup):  # noqa: F811
+    op = {"family": "inet", "addr": ["127.0.0.1", listeners["tcp4"]]}
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "connector.py"),
+                          "nm-cg-child", json.dumps([op])],
+                         check=True, capture_output=True, text=True, preexec_fn=cgroup.enter)
+    child = json.loads(out.stdout)
+    (ev,) = wait_for(cgmon, child["pid"], 1)
+    assert ev.cgroup_id == os.stat(cgroup).st_ino
+    assert ev.command == "nm-cg-child"
 
 
 def test_udp_sendto_deduplicated_per_destination(cgmon):
@@ -159,31 +149,16 @@ def test_backend_reported(cgmon):
     assert "netmon_connect_enter" not in st["programs"]
 
 
-@pytest.fixture
-def scope_dir():
-    path = os.path.join(cgroup2_root(), f"netmon-scope-{uuid.uuid4().hex[:8]}")
-    os.mkdir(path)
-    yield path
-    os.rmdir(path)
-
-
-def in_cgroup(path):
-    def enter():
-        with open(os.path.join(path, "cgroup.procs"), "w") as f:
-            f.write(str(os.getpid()))
-    return enter
-
-
 @pytest.mark.parametrize("backend", ["syscall", "cgroup"])
-def test_scoped_to_one_cgroup(scope_dir, backend, listeners):  # noqa: F811
+def test_scoped_to_one_cgroup(cgroup, backend, listeners):  # noqa: F811
     ops = [{"family": "inet", "type": "dgram", "addr": ["127.0.0.1", 9], "repeat": 5},
            {"family": "inet", "addr": ["127.0.0.1", listeners["closed"]]}]
-    with Monitor(capacity=1024, backend=backend, cgroup=scope_dir) as m:
+    with Monitor(capacity=1024, backend=backend, cgroup=cgroup) as m:
         outside = run_child("nm-outside", ops)
         inside = json.loads(subprocess.run(
             [sys.executable, os.path.join(os.path.dirname(__file__), "connector.py"),
              "nm-inside", json.dumps(ops)], check=True, capture_output=True, text=True,
-            preexec_fn=in_cgroup(scope_dir)).stdout)
+            preexec_fn=cgroup.enter).stdout)
         evs = wait_for(m, inside["pid"], 6)
         time.sleep(0.05)
         assert len(evs) == 6 and evs[-1].outcome == "refused"

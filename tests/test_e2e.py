@@ -35,6 +35,19 @@ def free_port():
         return s.getsockname()[1]
 
 
+def start_netmon(*args, env=None):
+    """`netmon` on a free loopback port, NETMON_* cleared: (process, port, startup line).
+    The line is printed once the programs are attached."""
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NETMON_")}
+    proc = subprocess.Popen(netmon_command() + ["--addr", f"127.0.0.1:{port}", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**clean, "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})})
+    line = proc.stdout.readline()
+    assert line, f"netmon did not start: {proc.stderr.read()}"
+    return proc, port, line.strip()
+
+
 def http(url, body=None, method=None, headers=None):
     """(status, headers, parsed JSON) for one request; HTTP errors are answers too."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
@@ -70,17 +83,9 @@ def prog_ids_held_by(pid):
 
 @pytest.fixture(scope="module")
 def server():
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    for var in [v for v in env if v.startswith("NETMON_")]:
-        del env[var]
-    proc = subprocess.Popen(netmon_command() + ["--addr", f"127.0.0.1:{port}",
-                                                "--capacity", "1048576"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc, port, line = start_netmon("--capacity", "1048576")
     try:
-        line = proc.stdout.readline()  # printed once the programs are attached
-        assert line, f"netmon did not start: {proc.stderr.read()}"
-        yield {"proc": proc, "url": f"http://127.0.0.1:{port}", "line": line.strip()}
+        yield {"proc": proc, "url": f"http://127.0.0.1:{port}", "line": line}
     finally:
         if proc.poll() is None:
             proc.kill()

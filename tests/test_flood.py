@@ -8,12 +8,9 @@ import multiprocessing
 import os
 import socket
 import time
-import uuid
 
 import pytest
 from test_security import start, stop
-
-from netmon.monitor import cgroup2_root
 
 pytestmark = pytest.mark.bpf
 SECONDS = float(os.environ.get("NETMON_FLOOD_SECONDS", "60"))
@@ -21,8 +18,7 @@ CAPACITY = 1 << 18
 
 
 def load(cgroup, deadline, counter):
-    with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
-        f.write(str(os.getpid()))
+    cgroup.enter()
     n = 0
     while time.monotonic() < deadline:
         for _ in range(1000):
@@ -37,14 +33,6 @@ def load(cgroup, deadline, counter):
 def rss_kib(pid):
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
-
-
-@pytest.fixture
-def cgroup():
-    path = os.path.join(cgroup2_root(), f"netmon-flood-{uuid.uuid4().hex[:8]}")
-    os.mkdir(path)
-    yield path
-    os.rmdir(path)
 
 
 def test_flood_health_memory_and_accounting(cgroup):

@@ -11,7 +11,6 @@ import time
 import pytest
 
 from netmon import Monitor, _core
-from netmon.monitor import cgroup2_root
 
 pytestmark = pytest.mark.bpf
 CONNECTOR = os.path.join(os.path.dirname(__file__), "connector.py")
@@ -180,28 +179,21 @@ def test_health_and_stats_while_running(mon):
     assert st["captured"] == st["delivered"] + st["dropped_total"]
 
 
-def test_drops_are_counted_exactly(tmp_path):
+def test_drops_are_counted_exactly(cgroup):
     """A one-page ring and a paused consumer: what is not delivered is counted. Scoped to
     the child's cgroup, so nothing else on the machine takes a slot or a drop."""
     n = 300
-    cg = os.path.join(cgroup2_root(), f"netmon-drops-{os.getpid()}")
-    os.mkdir(cg)
-    try:
-        with Monitor(capacity=4096, ringbuf_bytes=os.sysconf("SC_PAGE_SIZE"), cgroup=cg) as m:
-            m._pause(True)
-            time.sleep(0.05)  # let a poll in progress finish
-            ops = [{"family": "inet", "type": "dgram", "addr": ["127.0.0.1", 9], "repeat": n}]
-            out = subprocess.run(
-                [sys.executable, CONNECTOR, "nm-drops", json.dumps(ops)], check=True,
-                capture_output=True, text=True,
-                preexec_fn=lambda: open(os.path.join(cg, "cgroup.procs"), "w").write(
-                    str(os.getpid()))).stdout
-            m._pause(False)
-            time.sleep(0.1)
-            delivered = m.count(pid=json.loads(out)["pid"])
-            st = m.stats()
-    finally:
-        os.rmdir(cg)
+    ops = [{"family": "inet", "type": "dgram", "addr": ["127.0.0.1", 9], "repeat": n}]
+    with Monitor(capacity=4096, ringbuf_bytes=os.sysconf("SC_PAGE_SIZE"), cgroup=cgroup) as m:
+        m._pause(True)
+        time.sleep(0.05)  # let a poll in progress finish
+        out = subprocess.run([sys.executable, CONNECTOR, "nm-drops", json.dumps(ops)],
+                             check=True, capture_output=True, text=True,
+                             preexec_fn=cgroup.enter).stdout
+        m._pause(False)
+        time.sleep(0.1)
+        delivered = m.count(pid=json.loads(out)["pid"])
+        st = m.stats()
     assert st["dropped"]["ringbuf_full"] > 0 and delivered > 0
     assert delivered + st["dropped"]["ringbuf_full"] == n == st["captured"]
 

@@ -137,14 +137,9 @@ def test_stats_reports_run_counts_only_when_the_kernel_counts(monkeypatch, tmp_p
 
 @pytest.fixture(scope="module")
 def server():
-    from test_e2e import free_port, netmon_command
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NETMON_")}
-    env["PYTHONPATH"] = os.pathsep.join(sys.path)
-    proc = subprocess.Popen(netmon_command() + ["--addr", f"127.0.0.1:{port}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    from test_e2e import start_netmon
+    proc, port, _ = start_netmon()
     try:
-        assert proc.stdout.readline(), f"netmon did not start: {proc.stderr.read()}"
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()

@@ -10,7 +10,7 @@ import time
 import urllib.request
 
 import pytest
-from test_e2e import bpf_ids, free_port, http, netmon_command, prog_ids_held_by
+from test_e2e import bpf_ids, http, netmon_command, prog_ids_held_by, start_netmon
 
 from netmon import api
 from netmon.security import Guard, SecurityError, is_loopback, read_token
@@ -129,15 +129,8 @@ def test_remote_bind_needs_a_token_or_an_explicit_risk(tmp_path):
 # ---- with the real kernel ----
 
 def start(*args, env=None):
-    """A running netmon: (process, base URL without scheme)."""
-    port = free_port()
-    proc = subprocess.Popen(netmon_command() + ["--addr", f"127.0.0.1:{port}",
-                                                "--capacity", "4096", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
-                                 **(env or {})})
-    line = proc.stdout.readline()
-    assert line, proc.stderr.read()
+    """A running netmon: (process, host:port, startup line)."""
+    proc, port, line = start_netmon(*args, env=env)
     return proc, f"127.0.0.1:{port}", line
 
 

@@ -3,7 +3,6 @@ port with a synthetic monitor, read by http.client the way an SSE client reads; 
 test streams real kernel events from the netmon command (root)."""
 import http.client
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -223,14 +222,9 @@ def test_shutdown_ends_open_streams_cleanly():
 
 @pytest.mark.bpf
 def test_real_connects_stream_and_resume():
-    from test_e2e import free_port, netmon_command
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NETMON_")}
-    env["PYTHONPATH"] = os.pathsep.join(sys.path)
-    proc = subprocess.Popen(netmon_command() + ["--addr", f"127.0.0.1:{port}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    from test_e2e import start_netmon
+    proc, port, _ = start_netmon()
     try:
-        assert proc.stdout.readline(), f"netmon did not start: {proc.stderr.read()}"
         comm = "nm-sse-child"
         s = Stream(port, f"/api/events/stream?command={comm}")
         with socket.socket() as listener:
