@@ -483,15 +483,7 @@ def bench_server(res: dict) -> None:
                fill_stored=nm.stored_for(fill["pid"]), fill_dropped=h["events_dropped"],
                evicted=h["events_evicted"])
     print(f"  memory: {mem}", flush=True)
-    # CPU per event once the store wraps (no first-touch page faults): the steady state
-    c0, t0 = cpu_ns(nm.pid), time.monotonic()
-    time.sleep(0.5)
-    idle = (cpu_ns(nm.pid) - c0) / (time.monotonic() - t0)
-    c0, t0 = cpu_ns(nm.pid), time.monotonic()
-    r = loadgen(LOADS["udp"][0])
-    time.sleep(0.05)
-    res["steady_cpu"] = {"cpu_ns": cpu_ns(nm.pid) - c0, "calls": r["calls"],
-                         "idle_ns": idle * (time.monotonic() - t0), "idle_per_s": idle}
+    res["steady_cpu"] = {"syscall": steady_cpu(nm)}
 
     secs = 2 * THROUGHPUT_SECS + 1.5
     h0 = nm.health()
@@ -511,6 +503,23 @@ def bench_server(res: dict) -> None:
     print(f"  throughput: {tp}", flush=True)
     nm.stop()
     res["lifecycle_full"] = {"startup_s": nm.startup_s, "shutdown_s": nm.shutdown_s}
+    nm = Netmon("--backend", "cgroup", "--capacity", str(FULL_EVENTS))
+    loadgen(["-n", str(FULL_EVENTS + FULL_EVENTS // 20)])
+    res["steady_cpu"]["cgroup"] = steady_cpu(nm)
+    nm.stop()
+    print(f"  steady-state CPU: {res['steady_cpu']}", flush=True)
+
+
+def steady_cpu(nm, runs: int = 3) -> list:
+    """CPU per event once netmon's store wraps (no first-touch page faults, which are
+    most of a fresh store's cost here): the steady state. UDP loads; per-event ns."""
+    out = []
+    for _ in range(runs):
+        c0 = cpu_ns(nm.pid)
+        r = loadgen(LOADS["udp"][0])
+        time.sleep(0.05)
+        out.append((cpu_ns(nm.pid) - c0) / r["calls"])
+    return out
 
 
 # ---------------------------------------------------------------- report
@@ -598,7 +607,7 @@ def summarize(res: dict) -> tuple:
             s[f"cpu_ns_{be}"] = c = dist([m["monitor_cpu_ns"] / m["calls"] for m in mon])
             idle = dist([m["idle_cpu_ns"] / m["calls"] for m in mon])
             row(f"… netmon `{be}` process CPU per {'datagram' if kind == 'udp_send' else 'event'}"
-                " (of which idle polling, at "
+                ", fresh store (of which idle polling, at "
                 f"{statistics.median(m['idle_cpu_per_s'] for m in mon) / 1e6:.1f} ms/s while idle)",
                 fmt(c, "{:.0f}", " ns") + f" (idle {idle['median']:.0f} ns)",
                 f"≤ {CPU_TARGET_NS} ns", c["median"] <= CPU_TARGET_NS)
@@ -675,13 +684,12 @@ def summarize(res: dict) -> tuple:
             row(what, f"{e['p50_ms']:.1f} / {e['p99_ms']:.1f} ms (max {e['max_ms']:.1f})"
                 + cover, f"p99 ≤ {target} ms", e["p99_ms"] <= target)
 
-    sc = res.get("steady_cpu")
+    sc = summ["steady_cpu_ns"] = {be: dist(v) for be, v in res.get("steady_cpu", {}).items()}
     if sc:
-        v = sc["cpu_ns"] / sc["calls"]
-        row("UDP loop (200k) with netmon's store already full (wrapping, no first-touch page "
-            "faults): netmon process CPU per event",
-            f"{v:.0f} ns (idle {sc['idle_ns'] / sc['calls']:.0f} ns)",
-            f"≤ {CPU_TARGET_NS} ns", v <= CPU_TARGET_NS)
+        row("UDP loop (200k, 3 runs each) with netmon's store already full (wrapping, no "
+            "first-touch page faults): netmon process CPU per event, idle polling included",
+            "; ".join(f"`{be}` {fmt(d, '{:.0f}', ' ns')}" for be, d in sc.items()),
+            f"≤ {CPU_TARGET_NS} ns", all(d["median"] <= CPU_TARGET_NS for d in sc.values()))
     tp = res.get("throughput")
     if tp:
         for k in ("health", "summary"):
