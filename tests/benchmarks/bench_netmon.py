@@ -733,7 +733,10 @@ def summarize(res: dict) -> tuple:
                   f"(pair by pair, median: load rate ≥ {VERDICT_RATE:.2f}× syscall's and netmon "
                   f"CPU ≤ {VERDICT_CPU:.2f}×, the margins being noise). cgroup ÷ syscall: "
                   + "; ".join(f"{n} {why} {'✓' if ok else '✗'}"
-                              for n, (ok, why) in verdict.items()) + "."), ""]
+                              for n, (ok, why) in verdict.items()) + "."
+                  + ("" if len(sc) < 2 else " With a wrapped store (no first-touch page "
+                     "faults), netmon CPU per UDP event: " + ", ".join(
+                         f"`{be}` {d['median']:.0f} ns" for be, d in sc.items()) + ".")), ""]
     md = "\n".join([
         (f"netmon {mach['commit']} on {mach['nproc']} × {mach['cpu']}, Linux {mach['kernel']}, "
          f"{mach['date']}; {mach['pairs']} A/B pairs per load, median (min–max) of per-pair "
