@@ -95,7 +95,7 @@ SETTINGS: Dict[str, Tuple[str, Callable, object]] = {
     "addr": ("NETMON_ADDR", parse_addr, parse_addr(DEFAULT_ADDR)),
     "capacity": ("NETMON_CAPACITY", _count, DEFAULT_CAPACITY),
     "ringbuf_size": ("NETMON_RINGBUF_SIZE", _count, DEFAULT_RINGBUF_BYTES),
-    "backend": ("NETMON_BACKEND", _backend, "syscall"),
+    "backend": ("NETMON_BACKEND", _backend, "auto"),
     "udp_sends": ("NETMON_UDP_SENDS", _bool, False),
     "cgroup": ("NETMON_CGROUP", str, None),
     "log_level": ("NETMON_LOG_LEVEL", _level, "info"),
@@ -124,9 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"kernel ring buffer size, a power of two "
                         f"(default {DEFAULT_RINGBUF_BYTES}; env NETMON_RINGBUF_SIZE)")
     p.add_argument("--backend", type=_backend, metavar="NAME",
-                   help="syscall (tracepoints on connect), cgroup (hooks on the cgroup v2 "
-                        "root: no cost to other syscalls, sees io_uring) or auto (cgroup "
-                        "where the kernel has it) (default syscall; env NETMON_BACKEND)")
+                   help="auto (cgroup where the kernel and privileges allow, else syscall), "
+                        "cgroup (hooks on the cgroup v2 root: no cost to other syscalls, "
+                        "sees io_uring) or syscall (tracepoints on connect: exact return "
+                        "codes for every family) (default auto; env NETMON_BACKEND)")
     p.add_argument("--udp-sends", action="store_true", default=None,
                    help="also count unconnected UDP datagrams (sendto), one event per "
                         "process and destination per second (env NETMON_UDP_SENDS=1)")

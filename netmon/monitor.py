@@ -23,7 +23,7 @@ POLL_MS = 10  # otherwise drain every 10 ms: no record waits much longer than th
 STALL_SECONDS = 2.0  # a poll loop silent this long is unhealthy
 TRACEFS = "/sys/kernel/tracing"
 CONNECT_TP = "events/syscalls/sys_enter_connect"
-CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
 BACKENDS = ("syscall", "cgroup", "auto")
 
 
@@ -40,10 +40,11 @@ def _effective_caps() -> int:
     return 0
 
 
-def _has_caps() -> bool:
+def _has_caps(*extra: int) -> bool:
+    """CAP_SYS_ADMIN, or CAP_BPF + CAP_PERFMON and any `extra` capabilities."""
     caps = _effective_caps()
-    return bool(caps & (1 << CAP_SYS_ADMIN)) or (
-        bool(caps & (1 << CAP_BPF)) and bool(caps & (1 << CAP_PERFMON)))
+    return bool(caps & (1 << CAP_SYS_ADMIN)) or all(
+        caps & (1 << c) for c in (CAP_BPF, CAP_PERFMON, *extra))
 
 
 def _ensure_tracefs() -> None:
@@ -132,7 +133,7 @@ class Monitor:
     """
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY,
-                 ringbuf_bytes: int = DEFAULT_RINGBUF_BYTES, *, backend: str = "syscall",
+                 ringbuf_bytes: int = DEFAULT_RINGBUF_BYTES, *, backend: str = "auto",
                  udp_sends: bool = False, wakeup_bytes: int = DEFAULT_WAKEUP_BYTES,
                  drop_privileges: bool = False, user: Optional[str] = None,
                  cgroup: Optional[str] = None, debug: bool = False):
@@ -172,8 +173,9 @@ class Monitor:
                     raise MonitorError(f"{self.cgroup} is not a cgroup v2 directory (under "
                                        f"{cgroot or 'a cgroup2 mount'})")
                 cgroot = self.cgroup
-            if self.backend == "auto":
-                self.backend = "cgroup" if kfunc and cgroot else "syscall"
+            if self.backend == "auto":  # cgroup programs need CAP_NET_ADMIN too
+                self.backend = "cgroup" if kfunc and cgroot and _has_caps(CAP_NET_ADMIN) \
+                    else "syscall"
             preflight(tracepoints=self.backend == "syscall")
             if (self.backend == "cgroup" or self.udp_sends) and not (kfunc and cgroot):
                 raise MonitorError(

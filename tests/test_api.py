@@ -112,7 +112,7 @@ def test_health_healthy(mon):
     assert r.body["events_captured"] == 3
     assert r.body["events_dropped"] == 0
     assert r.body["uptime_seconds"] >= 0
-    assert r.body["backend"] == "syscall"
+    assert r.body["backend"] == "auto"  # the default, resolved only by start()
     assert "reason" not in r.body and "missing_hooks" not in r.body
 
 

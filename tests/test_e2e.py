@@ -83,7 +83,8 @@ def prog_ids_held_by(pid):
 
 @pytest.fixture(scope="module")
 def server():
-    proc, port, line = start_netmon("--capacity", "1048576")
+    # the syscall backend: these tests check its exact return codes
+    proc, port, line = start_netmon("--capacity", "1048576", "--backend", "syscall")
     try:
         yield {"proc": proc, "url": f"http://127.0.0.1:{port}", "line": line}
     finally:

@@ -223,7 +223,7 @@ def test_shutdown_ends_open_streams_cleanly():
 @pytest.mark.bpf
 def test_real_connects_stream_and_resume():
     from test_e2e import start_netmon
-    proc, port, _ = start_netmon()
+    proc, port, _ = start_netmon("--backend", "syscall")  # results final when streamed
     try:
         comm = "nm-sse-child"
         s = Stream(port, f"/api/events/stream?command={comm}")
