@@ -46,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="connect (default), udp_send or all (udp_send needs the cgroup hooks)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--count", type=_count, metavar="N", help="stop after N events")
-    p.add_argument("--backend", type=_backend, default="auto",
-                   help="auto (default), cgroup or syscall, as for the server")
+    p.add_argument("--backend", type=_backend, default="syscall",
+                   help="syscall (default: every line prints a final result), cgroup or "
+                        "auto; with the cgroup hooks a line prints before the connect has "
+                        "a result, so it shows 'unknown'")
     return p
 
 

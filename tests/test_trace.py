@@ -68,9 +68,7 @@ def test_columns_line_up():
 def start_trace(*args):
     from test_e2e import netmon_command
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    # the syscall backend: results are final when the line is printed
-    proc = subprocess.Popen(netmon_command() + ["trace", "--backend", "syscall", *args],
-                            stdout=subprocess.PIPE,
+    proc = subprocess.Popen(netmon_command() + ["trace", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     ready = proc.stderr.readline()  # printed once the programs are attached
     assert ready.startswith("netmon trace: watching"), ready + proc.stderr.read()
