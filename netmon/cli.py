@@ -182,7 +182,7 @@ def parse_args(argv: Optional[Sequence[str]] = None,
 
 def _log_events(monitor: Monitor) -> None:
     """--debug: log each event, following the store from outside the capture path."""
-    last = monitor.stats()["last_seq"]
+    last = monitor.seq_range()[1]
     while monitor.running:
         for ev in monitor.follow(after_seq=last, timeout=1.0, kind=None):
             last = ev.seq

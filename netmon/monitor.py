@@ -345,7 +345,7 @@ class Monitor:
         """Matching events newer than after_seq (default: from now on), as they arrive;
         ends after `timeout` seconds (None: never). Events overwritten before they were
         read are skipped; compare seq numbers to see the gap."""
-        last = self._store.counters()["last_seq"] if after_seq is None else after_seq
+        last = self.seq_range()[1] if after_seq is None else after_seq
         deadline = None if timeout is None else time.monotonic() + timeout
         q = compile_filter(**filters)
         while deadline is None or time.monotonic() < deadline:
