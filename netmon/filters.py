@@ -1,17 +1,21 @@
 """One place that turns query filters (names, addresses, times) into what the C store
 matches on, with a ValueError naming the bad parameter. Shared by Monitor, the API and
-`netmon trace`."""
+`netmon trace`: compile_filter() checks and compiles them once into a Filter, which
+Monitor's queries hand straight to the store."""
 from __future__ import annotations
 
 import datetime as _dt
 import errno as _errno
 import ipaddress
 import re
-from typing import Union
+from typing import Optional, Union
 
 from . import _core
 from .event import AF_INET, AF_INET6, AF_UNIX, KINDS, PROTOCOL_NUMBERS, wall_offset_ns
 
+# the filters every query takes, by the name the API, its OpenAPI description and
+# `netmon trace` give them (compile_filter's keywords, plus since / until / after_seq)
+FILTER_NAMES = ("pid", "command", "family", "protocol", "port", "dest", "result", "kind")
 FAMILY_NAMES = {"inet": AF_INET, "inet6": AF_INET6, "unix": AF_UNIX}
 KIND_NUMBERS = {v: k for k, v in KINDS.items()}
 Time = Union[None, _dt.datetime, _dt.timedelta]
@@ -19,9 +23,22 @@ _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 
 
 class FilterError(ValueError):
-    def __init__(self, param: str, message: str):
-        super().__init__(f"{param}: {message}")
+    """A bad filter or parameter; str() is "param: message", or the message alone when it
+    is a whole sentence already (whole=True)."""
+
+    def __init__(self, param: str, message: str, *, whole: bool = False):
+        super().__init__(message if whole else f"{param}: {message}")
         self.param = param
+
+
+def int_in(param: str, value, lo: int, hi: int, message: Optional[str] = None) -> int:
+    """value as an int in [lo, hi], else a FilterError: "param: must be an integer between
+    lo and hi", or `message` as the whole text. Booleans are not integers."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        if message is not None:
+            raise FilterError(param, message, whole=True)
+        raise FilterError(param, f"must be an integer between {lo} and {hi}")
+    return value
 
 
 def parse_time(param: str, text: str) -> _dt.datetime | _dt.timedelta:
@@ -54,18 +71,12 @@ def boot_ns(param: str, t: Time) -> int:
     return min(max(ns, 1), 2**64 - 1)  # a far-future bound: the store's clock is a u64
 
 
-def _int(param: str, v, lo: int, hi: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise FilterError(param, f"must be an integer between {lo} and {hi}")
-    return v
-
-
 def _named(param: str, v, names: dict, hi: int) -> int:
     if isinstance(v, str):
         if v.lower() not in names:
             raise FilterError(param, f"must be one of {', '.join(sorted(names))}")
         return names[v.lower()]
-    return _int(param, v, 0, hi)
+    return int_in(param, v, 0, hi)
 
 
 def _dest(v: str):
@@ -95,18 +106,38 @@ def _result(v):
         if code is None:
             raise FilterError("result", "must be ok, error, or an errno name like ECONNREFUSED")
         return -code
-    return _int("result", v, -4095, 0)
+    return int_in("result", v, -4095, 0)
 
 
-def compile_filter(*, pid=None, command=None, kind="connect", family=None, protocol=None,
-                   port=None, dest=None, result=None, since: Time = None, until: Time = None,
-                   after_seq: int = 0) -> dict:
+class Filter:
+    """Filters checked and compiled once: `keywords` as they were given, `store` the
+    keyword arguments of the C store's queries. Monitor's queries take one as where=."""
+
+    __slots__ = ("keywords", "store")
+
+    def __init__(self, keywords: dict, store: dict):
+        self.keywords, self.store = keywords, store
+
+    def after(self, seq: int) -> "Filter":
+        """The same filter, matching only events after `seq`."""
+        return Filter({**self.keywords, "after_seq": seq},
+                      {**self.store, "after_seq": int_in("after", seq, 0, 2**63 - 1)})
+
+
+def compile_filter(**keywords) -> Filter:
+    """Filters (the keywords of _store_args) -> a Filter; a FilterError names a bad one."""
+    return Filter(keywords, _store_args(**keywords))
+
+
+def _store_args(*, pid=None, command=None, kind="connect", family=None, protocol=None,
+                port=None, dest=None, result=None, since: Time = None, until: Time = None,
+                after_seq: int = 0) -> dict:
     """Filters -> the keyword arguments of _core.Store queries. kind defaults to connect
-    attempts; pass kind=None for every kind."""
+    attempts; pass kind="all" (or None) for every kind."""
     q = {"since_ns": boot_ns("since", since), "until_ns": boot_ns("until", until),
-         "after_seq": _int("after", after_seq, 0, 2**63 - 1)}
+         "after_seq": int_in("after", after_seq, 0, 2**63 - 1)}
     if pid is not None:
-        q["pid"] = _int("pid", pid, 0, 2**32 - 1)
+        q["pid"] = int_in("pid", pid, 0, 2**32 - 1)
     if command is not None:
         try:
             raw = command.encode() if isinstance(command, str) else b""
@@ -115,7 +146,7 @@ def compile_filter(*, pid=None, command=None, kind="connect", family=None, proto
         if not raw or len(raw) > 15:
             raise FilterError("command", "must be a non-empty string of at most 15 bytes")
         q["comm"] = command
-    if kind is not None:
+    if kind is not None and kind != "all":
         q["kind"] = _named("kind", kind, KIND_NUMBERS, 255)
     if family is not None:
         q["family"] = _named("family", family, FAMILY_NAMES, 65535)
@@ -123,7 +154,7 @@ def compile_filter(*, pid=None, command=None, kind="connect", family=None, proto
         q["protocol"] = _named("protocol", protocol,
                                {k.lower(): v for k, v in PROTOCOL_NUMBERS.items()}, 65535)
     if port is not None:
-        q["port"] = _int("port", port, 0, 65535)
+        q["port"] = int_in("port", port, 0, 65535)
     if dest is not None:
         q["dest"] = _dest(dest)
     if result is not None:

@@ -12,7 +12,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 from . import _core, privilege
 from .event import AF_UNIX, PROTOCOLS, Event, to_datetime, wall_offset_ns
-from .filters import FAMILY_NAMES, FilterError, compile_filter
+from .filters import FAMILY_NAMES, Filter, FilterError, compile_filter
 
 log = logging.getLogger("netmon")
 
@@ -118,6 +118,15 @@ def _check_ringbuf(n: int) -> int:
         raise ValueError(f"ringbuf_bytes must be a power of two between {page} and 1 GiB, "
                          f"got {n!r}")
     return n
+
+
+def _compiled(where: Optional[Filter], filters: dict) -> dict:
+    """What the store matches on: the compiled `where`, or the filter keywords compiled."""
+    if where is None:
+        return compile_filter(**filters).store
+    if filters:
+        raise TypeError("give the filters either compiled (where=) or as keywords, not both")
+    return where.store
 
 
 class Monitor:
@@ -280,20 +289,22 @@ class Monitor:
         return [Event.from_row(r, off) for r in rows]
 
     # Filters, for every query (see netmon.filters.compile_filter): pid, command (exact
-    # comm), kind ("connect" by default, "udp_send", None for both), family ("inet",
-    # "inet6", "unix" or a number), protocol ("tcp", "udp", ...), port, dest (IP, CIDR or
-    # unix path prefix), result ("ok", "error" or an errno name), since / until (aware
-    # datetime, or timedelta meaning that long ago), after_seq. Bad values: ValueError.
+    # comm), kind ("connect" by default, "udp_send", "all" or None for both), family
+    # ("inet", "inet6", "unix" or a number), protocol ("tcp", "udp", ...), port, dest (IP,
+    # CIDR or unix path prefix), result ("ok", "error" or an errno name), since / until
+    # (aware datetime, or timedelta meaning that long ago), after_seq. Bad values:
+    # ValueError. Or, instead of keywords, where=compile_filter(...): checked once, reused.
 
-    def events(self, limit: Optional[int] = None, **filters) -> List[Event]:
+    def events(self, limit: Optional[int] = None, where: Optional[Filter] = None,
+               **filters) -> List[Event]:
         """The newest `limit` (all if None) matching events, oldest first."""
-        return self.query(limit=limit, **filters)[0]
+        return self.query(limit=limit, where=where, **filters)[0]
 
     def query(self, limit: Optional[int] = None, newest: bool = True,
-              **filters) -> Tuple[List[Event], int]:
+              where: Optional[Filter] = None, **filters) -> Tuple[List[Event], int]:
         """(events, matched): like events(), plus how many matched in all.
         newest=False takes the oldest `limit` after `after_seq` instead (paging)."""
-        rows, matched = self._store.query(limit or 0, newest, **compile_filter(**filters))
+        rows, matched = self._store.query(limit or 0, newest, **_compiled(where, filters))
         return self._events(rows), matched
 
     def seq_range(self) -> Tuple[int, int]:
@@ -319,35 +330,36 @@ class Monitor:
             out[key] = out.get(key, 0) + n
         return out
 
-    def count(self, **filters) -> int:
-        return self._store.count(**compile_filter(**filters))
+    def count(self, where: Optional[Filter] = None, **filters) -> int:
+        return self._store.count(**_compiled(where, filters))
 
-    def latest_per_pid(self, limit: int = 100, **filters) -> Tuple[dict, bool]:
+    def latest_per_pid(self, limit: int = 100, where: Optional[Filter] = None,
+                       **filters) -> Tuple[dict, bool]:
         """({pid: [its newest `limit` events, oldest first]}, truncated)."""
-        rows, _, truncated = self._store.latest_per_pid(limit, **compile_filter(**filters))
+        rows, _, truncated = self._store.latest_per_pid(limit, **_compiled(where, filters))
         out: dict = {}
         for ev in self._events(rows):
             out.setdefault(ev.pid, []).append(ev)
         return out, truncated
 
-    def top(self, by: str = "destination", limit: int = 10,
+    def top(self, by: str = "destination", limit: int = 10, where: Optional[Filter] = None,
             **filters) -> Tuple[List[Tuple[Event, int, int]], int, int]:
         """([(the group's newest event, count, failed)], groups, matched): the largest
         groups by destination, command, pid, port or error (failed attempts only)."""
         if by not in _core.TOP_BY:
             raise FilterError("by", f"must be one of {', '.join(_core.TOP_BY)}")
-        rows, groups, matched = self._store.top(by, limit, **compile_filter(**filters))
+        rows, groups, matched = self._store.top(by, limit, **_compiled(where, filters))
         off = wall_offset_ns()
         return [(Event.from_row(r, off), n, failed) for r, n, failed in rows], groups, matched
 
     def follow(self, after_seq: Optional[int] = None, timeout: Optional[float] = None,
-               **filters) -> Iterator[Event]:
+               where: Optional[Filter] = None, **filters) -> Iterator[Event]:
         """Matching events newer than after_seq (default: from now on), as they arrive;
         ends after `timeout` seconds (None: never). Events overwritten before they were
         read are skipped; compare seq numbers to see the gap."""
         last = self.seq_range()[1] if after_seq is None else after_seq
         deadline = None if timeout is None else time.monotonic() + timeout
-        q = compile_filter(**filters)
+        q = dict(_compiled(where, filters))
         while deadline is None or time.monotonic() < deadline:
             q["after_seq"] = last
             rows, _ = self._store.query(1000, False, **q)

@@ -15,11 +15,10 @@ from typing import Optional, Sequence
 
 from .cli import EXIT_RUNTIME, EXIT_USAGE, UsageError, _backend, _count, _Parser
 from .event import Event
-from .filters import FAMILY_NAMES, FilterError, compile_filter
+from .filters import FAMILY_NAMES, FILTER_NAMES, FilterError, compile_filter
 from .monitor import Monitor, MonitorError
 
 CAPACITY = 65536  # the store only has to hold what the printer has not reached yet
-FILTERS = ("pid", "command", "family", "protocol", "port", "dest", "result", "kind")
 FAMILIES = {v: k for k, v in FAMILY_NAMES.items()}
 LINE = "{:<15}  {:>7}  {:<15}  {:<6}  {:<28}  {:<5}  {}"
 HEADER = LINE.format("TIME(UTC)", "PID", "COMMAND", "FAMILY", "DESTINATION", "PROTO",
@@ -70,17 +69,15 @@ def _interrupt(*_):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        filters = {k: getattr(args, k) for k in FILTERS if getattr(args, k) is not None}
-        if filters["kind"] == "all":
-            filters["kind"] = None
-        compile_filter(**filters)  # a bad filter fails here, before anything is loaded
+        filters = {k: getattr(args, k) for k in FILTER_NAMES if getattr(args, k) is not None}
+        where = compile_filter(**filters)  # a bad filter fails here, before anything is loaded
     except (UsageError, FilterError) as e:
         print(f"netmon trace: error: {e} (see netmon trace --help)", file=sys.stderr)
         return EXIT_USAGE
     except SystemExit as e:  # --help
         return e.code
     monitor = Monitor(capacity=CAPACITY, backend=args.backend,
-                      udp_sends=filters["kind"] != "connect")
+                      udp_sends=args.kind != "connect")
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         monitor.start()
@@ -93,7 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if not args.json:
             print(HEADER, flush=True)
-        for ev in monitor.follow(**filters):
+        for ev in monitor.follow(where=where):
             print(json.dumps(ev.to_dict()) if args.json else line(ev), flush=True)
             shown += 1
             if shown == args.count:
