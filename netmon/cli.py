@@ -11,10 +11,10 @@ import threading
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from . import __version__, systemd
-from .api import make_app
 from .monitor import BACKENDS, DEFAULT_CAPACITY, DEFAULT_RINGBUF_BYTES, Monitor, MonitorError
-from .security import Guard, SecurityError, is_loopback, read_token
-from .server import Server, ServerError, ShutdownSignals, host_port
+from .web import make_app
+from .web.guard import Guard, SecurityError, is_loopback, read_token
+from .web.server import Server, ServerError, ShutdownSignals, host_port
 
 log = logging.getLogger("netmon")
 

@@ -9,8 +9,9 @@ from typing import NamedTuple
 import pytest
 
 import netmon
-from netmon.api import MAX_BODY_BYTES, make_app
 from netmon.testing import record, synthetic_monitor
+from netmon.web import make_app
+from netmon.web.limits import MAX_BODY_BYTES
 
 DURATION = "duration must be between 1 and 3600 seconds"
 BOTH = "cannot specify both pid and command"

@@ -7,8 +7,8 @@ import random
 import pytest
 from test_api import assert_error, call
 
-from netmon.api import make_app
 from netmon.testing import record, synthetic_monitor
+from netmon.web import make_app
 
 # (name, record kwargs); injected in this order, so seq = index + 1
 DATA = [

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from netmon.api import make_app
-from netmon.server import Server
 from netmon.testing import record, synthetic_monitor
+from netmon.web import make_app
+from netmon.web.server import Server
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_api import call
 
 import netmon
-from netmon.api import make_app
 from netmon.testing import record, synthetic_monitor
+from netmon.web import make_app
 
 CONNECTOR = Path(__file__).with_name("connector.py")
 
@@ -108,7 +108,7 @@ def test_http_counters_come_from_server_stats():
 
 
 def test_stats_reports_run_counts_only_when_the_kernel_counts(monkeypatch, tmp_path):
-    import netmon.api as api
+    from netmon.web import stats
 
     class Probed:
         def __init__(self, mon):
@@ -122,7 +122,7 @@ def test_stats_reports_run_counts_only_when_the_kernel_counts(monkeypatch, tmp_p
 
     app = make_app(Probed(synthetic_monitor()))
     sysctl = tmp_path / "bpf_stats_enabled"
-    monkeypatch.setattr(api, "BPF_STATS_SYSCTL", str(sysctl))
+    monkeypatch.setattr(stats, "BPF_STATS_SYSCTL", str(sysctl))
     sysctl.write_text("0\n")
     body = call(app, "GET", "/api/stats").body
     assert body["bpf_stats_enabled"] is False

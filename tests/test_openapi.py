@@ -14,10 +14,10 @@ from schemathesis.specs.openapi.checks import (
 )
 from test_api import Healthy, call
 
-from netmon.api import make_app
-from netmon.openapi import SPEC
-from netmon.security import Guard
 from netmon.testing import record, synthetic_monitor
+from netmon.web import make_app
+from netmon.web.guard import Guard
+from netmon.web.openapi import SPEC
 
 
 def populated_app():

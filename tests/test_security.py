@@ -12,9 +12,9 @@ import urllib.request
 import pytest
 from test_e2e import bpf_ids, http, netmon_command, prog_ids_held_by, start_netmon
 
-from netmon import api
-from netmon.security import Guard, SecurityError, is_loopback, read_token
 from netmon.testing import record, synthetic_monitor
+from netmon.web import make_app
+from netmon.web.guard import Guard, SecurityError, is_loopback, read_token
 
 TOKEN = "s3cret-token-0123456789abcdef"
 
@@ -41,7 +41,7 @@ def guarded():
     m = synthetic_monitor(64)
     m.inject(record(pid=7))
     guard = Guard(None, token=TOKEN, check_host=True, cors_origins=["https://ok.example"])
-    guard.app = api.make_app(m, server_stats=guard.stats)
+    guard.app = make_app(m, server_stats=guard.stats)
     return guard
 
 
@@ -65,7 +65,7 @@ def test_token_required_everywhere_but_health(guarded):
     ("localhost.evil.example", False),
 ])
 def test_host_header_checked_on_loopback(host, allowed):
-    guard = Guard(api.make_app(synthetic_monitor(4)), check_host=True)
+    guard = Guard(make_app(synthetic_monitor(4)), check_host=True)
     status, head, body = call(guard, "/", headers={"Host": host})
     assert (status != 403) == allowed
     if not allowed:

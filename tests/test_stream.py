@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-import netmon.api as api
-from netmon.api import MAX_STREAMS, make_app
-from netmon.server import Server
+import netmon.web.events as events_api
 from netmon.testing import record, synthetic_monitor
+from netmon.web import make_app
+from netmon.web.limits import MAX_STREAMS
+from netmon.web.server import Server
 
 CONNECTOR = Path(__file__).with_name("connector.py")
 
@@ -163,7 +164,7 @@ def test_gap_when_a_live_client_falls_behind():
 
 
 def test_keepalive_when_idle(served, monkeypatch):
-    monkeypatch.setattr(api, "KEEPALIVE_SECONDS", 0.05)
+    monkeypatch.setattr(events_api, "KEEPALIVE_SECONDS", 0.05)
     _, port, _ = served
     assert Stream(port).next() == {"comment": "keepalive"}
 
@@ -181,13 +182,13 @@ def test_bad_parameters_are_400_before_streaming(served, query, headers, param):
 
 
 def test_stream_cap_is_429_and_requests_still_served(served, monkeypatch):
-    monkeypatch.setattr(api, "KEEPALIVE_SECONDS", 0.05)  # a gone client is noticed soon
+    monkeypatch.setattr(events_api, "KEEPALIVE_SECONDS", 0.05)  # a gone client is noticed soon
     mon, port, _ = served
     streams = [Stream(port) for _ in range(MAX_STREAMS)]
     assert all(s.status == 200 for s in streams)
     extra = Stream(port)
     assert extra.status == 429
-    assert extra.resp.getheader("Retry-After") == str(api.STREAM_RETRY_AFTER)
+    assert extra.resp.getheader("Retry-After") == str(events_api.STREAM_RETRY_AFTER)
     assert json.loads(extra.resp.read())["error"] == "Too Many Requests"
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("GET", "/api/events?limit=1")  # the streams do not starve requests

@@ -369,9 +369,9 @@ def serve_full() -> None:
     """Child process: a Monitor with a full synthetic store (no kernel attach), served
     through netmon's own app and server on an ephemeral loopback port."""
     from netmon import Monitor, _core
-    from netmon.api import make_app
-    from netmon.server import Server, ShutdownSignals
     from netmon.testing import record
+    from netmon.web import make_app
+    from netmon.web.server import Server, ShutdownSignals
 
     t0 = time.monotonic()
     m = Monitor(capacity=FULL_EVENTS)

@@ -22,7 +22,7 @@ from cheroot import server as cheroot_server
 from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 
-from .api import MAX_BODY_BYTES, MAX_STREAMS, error_body
+from .limits import MAX_BODY_BYTES, MAX_STREAMS, error_body
 
 log = logging.getLogger("netmon.server")
 

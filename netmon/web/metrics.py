@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, exposition
+import bottle
+from prometheus_client import CollectorRegistry, exposition, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
-from . import __version__, _core
-from .monitor import Monitor
+from .. import __version__, _core
+from ..monitor import Monitor
+from .base import App
 
 # the classic text format (0.0.4) that generate_latest writes and every scraper reads
 CONTENT_TYPE = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST)
@@ -68,3 +70,13 @@ def registry(monitor: Monitor, server_stats: Callable[[], dict]) -> CollectorReg
     reg = CollectorRegistry(auto_describe=False)
     reg.register(_Collector(monitor, server_stats))
     return reg
+
+
+def routes(app: App) -> None:
+    reg = registry(app.monitor, app.server_stats)
+
+    @app.get("/metrics")
+    def prometheus_metrics():
+        """Prometheus metrics: connect attempts by result, drops, store, poll lag."""
+        bottle.response.content_type = CONTENT_TYPE
+        return generate_latest(reg)

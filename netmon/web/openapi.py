@@ -1,9 +1,11 @@
-"""The OpenAPI 3.1 description of netmon's HTTP API, served at GET /openapi.json.
+"""GET /openapi.json: the OpenAPI 3.1 description of netmon's HTTP API.
 tests/test_openapi.py validates it and drives the app with inputs generated from it."""
 from __future__ import annotations
 
-from . import __version__
-from .filters import FAMILY_NAMES
+from .. import __version__
+from ..filters import FAMILY_NAMES, FILTER_NAMES
+from .base import App
+from .limits import MAX_BODY_BYTES, MAX_DURATION, MAX_EVENTS_LIMIT, MAX_LIMIT, MAX_PID, MAX_STREAMS
 
 
 def _ref(name: str) -> dict:
@@ -35,7 +37,6 @@ INT = {"type": "integer", "minimum": 0}
 STR = {"type": "string"}
 TIME = {"type": "string", "format": "date-time"}
 ERROR = _json(_ref("Error"), "the parameter or body is invalid; the message names it")
-FILTERS = ("pid", "command", "family", "protocol", "port", "dest", "result", "kind")
 
 EVENT = _obj(
     ("seq", "timestamp", "pid", "tid", "uid", "command", "destination", "address_family",
@@ -103,7 +104,7 @@ HEALTH = _obj(("status", "service", "version", "uptime_seconds", "events_capture
 
 PARAMETERS = {
     "pid": _param("pid", "only this process (tgid)", {"type": "integer", "minimum": 0,
-                                                      "maximum": 2**32 - 1}),
+                                                      "maximum": MAX_PID}),
     "command": _param("command", "only this command (comm, exact)",
                       {"type": "string", "minLength": 1, "maxLength": 15}),
     "family": _param("family", "address family", {"enum": sorted(FAMILY_NAMES)}),
@@ -152,9 +153,9 @@ SPEC = {
                        "duration seconds", "operationId": "connectionSummary",
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
                 "type": "object", "required": ["duration"], "properties": {
-                    "pid": {"type": "integer", "minimum": 1, "maximum": 2**32 - 1},
+                    "pid": {"type": "integer", "minimum": 1, "maximum": MAX_PID},
                     "command": {"type": "string", "minLength": 1, "maxLength": 15},
-                    "duration": {"type": "integer", "minimum": 1, "maximum": 3600}},
+                    "duration": {"type": "integer", "minimum": 1, "maximum": MAX_DURATION}},
                 "description": "exactly one of pid and command"}}}},
             "responses": {
                 "200": _json(_obj(("total_attempts", "pid", "command", "duration", "message"),
@@ -162,19 +163,19 @@ SPEC = {
                                   duration=INT, message=STR), "the count"),
                 "400": ERROR,
                 "411": _json(_ref("Error"), "a chunked body"),
-                "413": _json(_ref("Error"), "a body over 16 KiB")}}},
+                "413": _json(_ref("Error"), f"a body over {MAX_BODY_BYTES // 1024} KiB")}}},
         "/api/list-connections": {
             method: {"summary": "Each process's most recent limit connect() attempts",
                      "operationId": f"listConnections{method.title()}",
                      **({"parameters": [
                          PARAMETERS["pid"],
                          _param("limit", "events per pid (default 100)",
-                                {"type": "integer", "minimum": 1, "maximum": 1000})]}
+                                {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT})]}
                         if method == "get" else {"requestBody": {"content": {
                             "application/json": {"schema": {"type": "object", "properties": {
                                 "pid": {"type": "integer", "minimum": 1},
                                 "limit": {"type": "integer", "minimum": 1,
-                                          "maximum": 1000}}}}}}}),
+                                          "maximum": MAX_LIMIT}}}}}}}),
                      "responses": {
                          "200": _json(_obj(("total_pids", "connections", "truncated",
                                             "message"), total_pids=INT,
@@ -185,7 +186,7 @@ SPEC = {
                                            truncated={"type": "boolean"}, message=STR),
                                       "events by pid, oldest first"),
                          "400": ERROR, "411": _json(_ref("Error"), "a chunked body"),
-                         "413": _json(_ref("Error"), "a body over 16 KiB")}}
+                         "413": _json(_ref("Error"), f"a body over {MAX_BODY_BYTES // 1024} KiB")}}
             for method in ("get", "post")},
         "/api/events": {"get": {
             "summary": "Events matching every given filter, newest last",
@@ -193,9 +194,9 @@ SPEC = {
                            "limit matches after that seq, so next_after pages on without "
                            "repeating or skipping an event still held.",
             "operationId": "events",
-            "parameters": _params(*FILTERS, "since", "until", "after") + [
+            "parameters": _params(*FILTER_NAMES, "since", "until", "after") + [
                 _param("limit", "at most this many (default 100)",
-                       {"type": "integer", "minimum": 1, "maximum": 10000})],
+                       {"type": "integer", "minimum": 1, "maximum": MAX_EVENTS_LIMIT})],
             "responses": {
                 "200": _json(_obj(("events", "count", "matched", "next_after", "truncated",
                                    "filters"),
@@ -215,27 +216,27 @@ SPEC = {
                            "sent. ': keepalive' after 15 s without a message. Ends when "
                            "the server stops.",
             "operationId": "eventStream",
-            "parameters": _params(*FILTERS, "since", "until", "after") + [
+            "parameters": _params(*FILTER_NAMES, "since", "until", "after") + [
                 _param("Last-Event-ID", "resume after this seq", {
                     "type": "string", "pattern": "^[0-9]{1,18}$"}, where="header")],
             "responses": {
                 "200": {"description": "the stream",
                         "content": {"text/event-stream": {"schema": STR}}},
                 "400": ERROR,
-                "429": _json(_ref("Error"), "32 streams are open already",
+                "429": _json(_ref("Error"), f"{MAX_STREAMS} streams are open already",
                              headers={"Retry-After": {"description": "seconds",
                                                       "schema": {"type": "integer"}}})}}},
         "/api/top": {"get": {
             "summary": "The top talkers of the last duration seconds",
             "operationId": "top",
-            "parameters": _params(*FILTERS) + [
+            "parameters": _params(*FILTER_NAMES) + [
                 _param("by", "what to group by (default destination); error groups failed "
                        "attempts only", {"enum": ["destination", "command", "pid", "port",
                                                   "error"]}),
                 _param("duration", "seconds back (default 60)",
-                       {"type": "integer", "minimum": 1, "maximum": 3600}),
+                       {"type": "integer", "minimum": 1, "maximum": MAX_DURATION}),
                 _param("limit", "groups (default 10)",
-                       {"type": "integer", "minimum": 1, "maximum": 1000})],
+                       {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT})],
             "responses": {
                 "200": _json(_obj(("by", "duration", "limit", "top", "groups", "matched",
                                    "filters"),
@@ -264,3 +265,10 @@ SPEC = {
                                                              "OpenAPI 3.1")}}},
     },
 }
+
+
+def routes(app: App) -> None:
+    @app.get("/openapi.json")
+    def openapi_document():
+        """This API, described in OpenAPI 3.1."""
+        return SPEC

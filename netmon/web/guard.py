@@ -15,7 +15,7 @@ import stat
 import threading
 from typing import Iterable, Optional
 
-from .api import error_body
+from .limits import error_body
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
 OPEN_PATHS = {"/health"}  # liveness probes need no token

@@ -1,0 +1,65 @@
+"""What every resource module builds on: App, the Bottle app its routes are registered on.
+It carries what the routes read (the monitor, the HTTP layer's counters, the shutdown
+event), answers every error as JSON, turns a FilterError into a 400 naming the parameter,
+and logs (never leaks) an unexpected exception."""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Optional
+
+import bottle
+
+from ..filters import FilterError
+from ..monitor import Monitor
+from .limits import error_body
+from .params import bad_request
+
+log = logging.getLogger("netmon.api")  # the name netmon's log lines have always carried
+
+
+def _log_faults(callback):
+    """Bottle plugin: an unexpected exception is logged with its traceback and answered
+    with a plain 500; the traceback never reaches the client."""
+    def wrapper(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except bottle.HTTPResponse:
+            raise
+        except FilterError as e:  # a query parameter, named in the message
+            raise bad_request(str(e)) from None
+        except Exception:
+            log.exception("%s %s failed", bottle.request.method, bottle.request.path)
+            raise bottle.HTTPError(500, "internal server error; the netmon log has details") \
+                from None
+    return wrapper
+
+
+def _log_request() -> None:
+    log.debug("%s %s -> %s", bottle.request.method, bottle.request.fullpath,
+              bottle.response.status)
+
+
+class App(bottle.Bottle):
+    """A Bottle app answering questions about `monitor`'s events; it never changes them.
+    server_stats: the HTTP layer's counters (auth failures, ...). shutdown: set when the
+    server stops; open event streams then end."""
+
+    def __init__(self, monitor: Monitor, server_stats: Optional[Callable[[], dict]] = None,
+                 shutdown: Optional[threading.Event] = None):
+        super().__init__()
+        self.monitor = monitor
+        self.server_stats = server_stats or dict
+        self.shutdown = shutdown if shutdown is not None else threading.Event()
+        self.install(_log_faults)
+        self.add_hook("after_request", _log_request)
+
+    def default_error_handler(self, res: bottle.HTTPError) -> str:
+        message = res.body
+        if res.status_code == 404:
+            message = f"no endpoint at {bottle.request.path}; GET / lists them"
+        elif res.status_code == 405:
+            message = (f"{bottle.request.method} is not allowed on {bottle.request.path}; "
+                       f"allowed: {res.get_header('Allow')}")
+        bottle.response.content_type = "application/json"
+        return error_body(res.status_code, message)

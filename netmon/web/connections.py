@@ -1,0 +1,69 @@
+"""POST /api/connection-summary (one pid's or command's attempts over a window) and
+GET|POST /api/list-connections (each process's latest attempts)."""
+from __future__ import annotations
+
+import datetime as _dt
+
+from ..filters import int_in
+from .base import App
+from .limits import COMM_BYTES, DEFAULT_LIMIT, MAX_DURATION, MAX_LIMIT, MAX_PID
+from .params import bad_request, request_params
+
+DURATION_MSG = f"duration must be between 1 and {MAX_DURATION} seconds"
+PID_MSG = "pid must be a positive integer"
+LIMIT_MSG = f"limit must be between 1 and {MAX_LIMIT}"
+COMMAND_MSG = f"command must be a non-empty string of at most {COMM_BYTES} characters"
+
+
+def _command(value) -> str:
+    try:
+        ok = (isinstance(value, str) and 0 < len(value.encode()) <= COMM_BYTES
+              and "\0" not in value)  # the kernel's comm cannot hold a NUL
+    except UnicodeEncodeError:  # a lone surrogate, from a JSON \ud800 escape
+        ok = False
+    if not ok:
+        raise bad_request(COMMAND_MSG)
+    return value
+
+
+def routes(app: App) -> None:
+    monitor = app.monitor
+
+    @app.post("/api/connection-summary")
+    def connection_summary():
+        """Count one pid's or command's connect() attempts over the last `duration` seconds."""
+        body = request_params()
+        duration = int_in("duration", body.get("duration"), 1, MAX_DURATION, DURATION_MSG)
+        pid, command = body.get("pid"), body.get("command")
+        if pid is not None and command is not None:
+            raise bad_request("cannot specify both pid and command")
+        if pid is None and command is None:
+            raise bad_request("must specify either pid or command")
+        if pid is not None:
+            pid = int_in("pid", pid, 1, MAX_PID, PID_MSG)
+            who = f"PID {pid}"
+        else:
+            command = _command(command)
+            who = f"command '{command}'"
+        total = monitor.count(pid=pid, command=command,
+                              since=_dt.timedelta(seconds=duration))
+        return {"total_attempts": total, "pid": pid, "command": command, "duration": duration,
+                "message": f"Found {total} connection attempts from {who} "
+                           f"over {duration} seconds"}
+
+    @app.route("/api/list-connections", method=["GET", "POST"])
+    def list_connections():
+        """Each process's most recent `limit` connect() attempts (optionally one pid's)."""
+        params = request_params()
+        pid, limit = params.get("pid"), params.get("limit")
+        if pid is not None:
+            pid = int_in("pid", pid, 1, MAX_PID, PID_MSG)
+        limit = DEFAULT_LIMIT if limit is None else int_in("limit", limit, 1, MAX_LIMIT,
+                                                           LIMIT_MSG)
+        per_pid, truncated = monitor.latest_per_pid(limit, pid=pid)
+        total = sum(len(events) for events in per_pid.values())
+        return {"total_pids": len(per_pid),
+                "connections": {str(p): [e.to_dict() for e in per_pid[p]]
+                                for p in sorted(per_pid)},
+                "truncated": truncated,
+                "message": f"Found {total} total connections across {len(per_pid)} processes"}

@@ -1,0 +1,21 @@
+"""The limits of the HTTP side and the body of every error answer: shared by the server
+(cheroot's own answers), the guard (401, 403) and the routes."""
+from __future__ import annotations
+
+import json
+
+import bottle
+
+MAX_BODY_BYTES = 16 * 1024
+MAX_STREAMS = 32  # concurrent /api/events/stream clients; the server adds a thread for each
+MAX_DURATION = 3600
+MAX_LIMIT = 1000
+MAX_EVENTS_LIMIT = 10000
+DEFAULT_LIMIT = 100
+MAX_PID = 2**32 - 1
+COMM_BYTES = 15  # TASK_COMM_LEN - 1
+
+
+def error_body(status: int, message: str) -> str:
+    """The JSON body of every error answer, from the app and from the server alike."""
+    return json.dumps({"error": bottle.HTTP_CODES.get(status, "Unknown"), "message": message})
