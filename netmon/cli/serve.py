@@ -8,7 +8,8 @@ import os
 import threading
 from typing import Mapping, Optional, Tuple
 
-from .. import __version__, systemd
+from .. import systemd
+from .._version import __version__
 from ..api import make_app
 from ..monitor import Monitor, MonitorError
 from ..security import Guard, SecurityError, is_loopback, read_token
