@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import atexit
-import ctypes
 import errno
 import logging
 import os
@@ -10,9 +9,10 @@ import threading
 import time
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from . import _core, privilege
+from . import _core, host, privilege
 from .event import AF_UNIX, PROTOCOLS, Event, to_datetime, wall_offset_ns
 from .filters import FAMILY_NAMES, Filter, FilterError, compile_filter
+from .host import MonitorError
 
 log = logging.getLogger("netmon")
 
@@ -21,95 +21,7 @@ DEFAULT_RINGBUF_BYTES = 8 << 20
 DEFAULT_WAKEUP_BYTES = 64 << 10  # wake the consumer early once this much waits
 POLL_MS = 10  # otherwise drain every 10 ms: no record waits much longer than that
 STALL_SECONDS = 2.0  # a poll loop silent this long is unhealthy
-TRACEFS = "/sys/kernel/tracing"
-CONNECT_TP = "events/syscalls/sys_enter_connect"
-CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
 BACKENDS = ("syscall", "cgroup", "auto")
-
-
-
-class MonitorError(RuntimeError):
-    """netmon cannot capture; the message names the cause and the fix."""
-
-
-def _effective_caps() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
-
-
-def _has_caps(*extra: int) -> bool:
-    """CAP_SYS_ADMIN, or CAP_BPF + CAP_PERFMON and any `extra` capabilities."""
-    caps = _effective_caps()
-    return bool(caps & (1 << CAP_SYS_ADMIN)) or all(
-        caps & (1 << c) for c in (CAP_BPF, CAP_PERFMON, *extra))
-
-
-def _ensure_tracefs() -> None:
-    """The syscall tracepoints need tracefs: mount it where libbpf looks if it is not."""
-    for base in ("/sys/kernel/debug/tracing", TRACEFS):
-        if os.path.exists(os.path.join(base, CONNECT_TP)):
-            return
-    if os.path.isdir(TRACEFS) and not os.path.ismount(TRACEFS):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.mount(b"tracefs", TRACEFS.encode(), b"tracefs", 0, None) != 0:
-            err = ctypes.get_errno()
-            raise MonitorError(f"tracefs is not mounted and mounting it at {TRACEFS} failed "
-                               f"({os.strerror(err)}); mount it: "
-                               f"mount -t tracefs tracefs {TRACEFS}")
-    if not os.path.exists(os.path.join(TRACEFS, CONNECT_TP)):
-        raise MonitorError(f"{TRACEFS}/{CONNECT_TP} does not exist: this kernel lacks syscall "
-                           "tracepoints (CONFIG_FTRACE_SYSCALLS) or tracefs is not mounted there")
-
-
-def preflight(tracepoints: bool = True) -> None:
-    """Check what loading needs, so the error names the real cause. Only the syscall
-    backend's tracepoints need tracefs (the others are raw tracepoints and cgroup hooks)."""
-    if not _has_caps():
-        raise MonitorError("permission denied: netmon needs root, or CAP_BPF and CAP_PERFMON "
-                           "(run with sudo, or: setcap cap_bpf,cap_perfmon+ep on the interpreter)")
-    if not os.path.exists("/sys/kernel/btf/vmlinux"):
-        raise MonitorError("the kernel has no BTF (/sys/kernel/btf/vmlinux missing): netmon's "
-                           "CO-RE programs need a kernel built with CONFIG_DEBUG_INFO_BTF=y")
-    if tracepoints:
-        _ensure_tracefs()
-
-
-def cgroup2_root() -> Optional[str]:
-    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or .../unified on hybrid
-    hosts); None if it is not."""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if right.split(" ", 1)[0] == "cgroup2":
-                return left.split()[4]
-    return None
-
-
-def _kernel_btf_has(*names: bytes) -> List[bool]:
-    try:
-        with open("/sys/kernel/btf/vmlinux", "rb") as f:
-            btf = f.read()
-    except OSError:
-        return [False] * len(names)
-    return [n in btf for n in names]
-
-
-def _load_error(e: OSError) -> MonitorError:
-    tail = _core.libbpf_log_tail(3000).strip()
-    if e.errno in (errno.EPERM, errno.EACCES):
-        msg = (f"{e.strerror}: {os.strerror(e.errno)}; run netmon as root or with CAP_BPF and "
-               "CAP_PERFMON (a lockdown or seccomp policy can also forbid BPF)")
-    elif e.errno == errno.ENOSYS:
-        msg = "the kernel has no bpf() syscall (CONFIG_BPF_SYSCALL is off): netmon cannot run here"
-    else:
-        msg = (f"{e.strerror}: {os.strerror(e.errno or 0)}; the kernel needs BTF, ring buffers "
-               "(Linux 5.8+) and syscall tracepoints")
-    if tail:
-        msg += "\n--- libbpf/verifier log (tail) ---\n" + tail
-    return MonitorError(msg)
 
 
 def _check_ringbuf(n: int) -> int:
@@ -174,55 +86,68 @@ class Monitor:
         with self._lock:
             if self._probe is not None:
                 return self
-            kfunc, unix_hook = _kernel_btf_has(b"bpf_cast_to_kern_ctx", b"BPF_CGROUP_UNIX_CONNECT")
-            cgroot = cgroup2_root()
-            if self.cgroup is not None:
-                if not (cgroot and os.path.isdir(self.cgroup) and os.path.realpath(
-                        self.cgroup).startswith(os.path.realpath(cgroot))):
-                    raise MonitorError(f"{self.cgroup} is not a cgroup v2 directory (under "
-                                       f"{cgroot or 'a cgroup2 mount'})")
-                cgroot = self.cgroup
-            if self.backend == "auto":  # cgroup programs need CAP_NET_ADMIN too
-                self.backend = "cgroup" if kfunc and cgroot and _has_caps(CAP_NET_ADMIN) \
-                    else "syscall"
-            preflight(tracepoints=self.backend == "syscall")
-            if (self.backend == "cgroup" or self.udp_sends) and not (kfunc and cgroot):
-                raise MonitorError(
-                    "the cgroup hooks need cgroup v2 mounted and Linux 6.2+ "
-                    f"(bpf_cast_to_kern_ctx){'' if cgroot else ': no cgroup2 mount found'}; "
-                    "use --backend syscall")
-            self.missing_hooks = [] if unix_hook or self.backend != "cgroup" else [
-                "cgroup/connect_unix (Linux 6.7+): unix connects are not seen"]
-            try:
-                probe = _core.Probe(self._store, self.ringbuf_bytes, self.wakeup_bytes,
-                                    self.debug, self.backend, self.udp_sends, unix_hook,
-                                    self.cgroup is not None)
-            except OSError as e:
-                raise _load_error(e) from None
-            cgfd = os.open(cgroot, os.O_RDONLY | os.O_DIRECTORY) if cgroot else -1
-            try:
-                probe.attach(cgfd)
-            except OSError as e:
-                probe.close()
-                raise MonitorError(f"{e.strerror}: {os.strerror(e.errno or 0)}; is tracefs "
-                                   f"mounted at {TRACEFS}, and cgroup v2 at {cgroot}?") from None
-            finally:
-                if cgfd >= 0:
-                    os.close(cgfd)  # the links hold the cgroup
+            cgroot, unix_hook = self._choose_backend()
+            probe = self._load(unix_hook)
+            self._attach(probe, cgroot)
             if self.drop_privileges:  # before the poll thread: capabilities are per thread
-                try:
-                    privilege.drop_privileges(self.user)
-                except OSError as e:
-                    probe.close()
-                    raise MonitorError(f"cannot drop privileges: {e.strerror}") from None
-            self._probe = probe
-            self._poll_error = 0
-            self._thread = threading.Thread(target=self._poll, name="netmon-poll", daemon=True)
-            self._thread.start()
-            self.started_at = time.monotonic()
-            atexit.register(self.stop)
-            log.debug("attached %s", ", ".join(probe.programs))
+                self._drop_privileges(probe)
+            self._start_polling(probe)
             return self
+
+    def _choose_backend(self) -> Tuple[Optional[str], bool]:
+        """Resolve "auto" and check the host offers what the backend needs: (the cgroup
+        the hooks attach to, whether the kernel has the unix connect hook)."""
+        kfunc, unix_hook = host.kernel_btf_has(b"bpf_cast_to_kern_ctx",
+                                               b"BPF_CGROUP_UNIX_CONNECT")
+        cgroot = host.cgroup_to_watch(self.cgroup)
+        if self.backend == "auto":  # cgroup programs need CAP_NET_ADMIN too
+            self.backend = "cgroup" if kfunc and cgroot and host.has_caps(host.CAP_NET_ADMIN) \
+                else "syscall"
+        host.preflight(tracepoints=self.backend == "syscall")
+        if (self.backend == "cgroup" or self.udp_sends) and not (kfunc and cgroot):
+            raise MonitorError(
+                "the cgroup hooks need cgroup v2 mounted and Linux 6.2+ "
+                f"(bpf_cast_to_kern_ctx){'' if cgroot else ': no cgroup2 mount found'}; "
+                "use --backend syscall")
+        self.missing_hooks = [] if unix_hook or self.backend != "cgroup" else [
+            "cgroup/connect_unix (Linux 6.7+): unix connects are not seen"]
+        return cgroot, unix_hook
+
+    def _load(self, unix_hook: bool):
+        try:
+            return _core.Probe(self._store, self.ringbuf_bytes, self.wakeup_bytes, self.debug,
+                               self.backend, self.udp_sends, unix_hook, self.cgroup is not None)
+        except OSError as e:
+            raise host.load_error(e) from None
+
+    @staticmethod
+    def _attach(probe, cgroot: Optional[str]) -> None:
+        cgfd = os.open(cgroot, os.O_RDONLY | os.O_DIRECTORY) if cgroot else -1
+        try:
+            probe.attach(cgfd)
+        except OSError as e:
+            probe.close()
+            raise host.attach_error(e, cgroot) from None
+        finally:
+            if cgfd >= 0:
+                os.close(cgfd)  # the links hold the cgroup
+
+    def _drop_privileges(self, probe) -> None:
+        """Every capability goes (and the process becomes `user`): see privilege.py."""
+        try:
+            privilege.drop_privileges(self.user)
+        except OSError as e:
+            probe.close()
+            raise MonitorError(f"cannot drop privileges: {e.strerror}") from None
+
+    def _start_polling(self, probe) -> None:
+        self._probe = probe
+        self._poll_error = 0
+        self._thread = threading.Thread(target=self._poll, name="netmon-poll", daemon=True)
+        self._thread.start()
+        self.started_at = time.monotonic()
+        atexit.register(self.stop)
+        log.debug("attached %s", ", ".join(probe.programs))
 
     def _poll(self) -> None:
         err = self._probe.run(POLL_MS)

@@ -8,15 +8,10 @@ import os
 import pwd
 from typing import List, Optional
 
+from . import host
+
 PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 47, 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
-CAP_NAMES = ["chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid",
-             "setuid", "setpcap", "linux_immutable", "net_bind_service", "net_broadcast",
-             "net_admin", "net_raw", "ipc_lock", "ipc_owner", "sys_module", "sys_rawio",
-             "sys_chroot", "sys_ptrace", "sys_pacct", "sys_admin", "sys_boot", "sys_nice",
-             "sys_resource", "sys_time", "sys_tty_config", "mknod", "lease", "audit_write",
-             "audit_control", "setfcap", "mac_override", "mac_admin", "syslog", "wake_alarm",
-             "block_suspend", "audit_read", "perfmon", "bpf", "checkpoint_restore"]
 
 
 class _Header(ctypes.Structure):
@@ -30,10 +25,7 @@ class _Data(ctypes.Structure):
 
 def held_capabilities() -> List[str]:
     """This thread's effective capabilities, by name ("bpf", "perfmon", ...)."""
-    with open(f"/proc/self/task/{ctypes.CDLL(None).gettid()}/status") as f:
-        eff = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
-    return [CAP_NAMES[i] if i < len(CAP_NAMES) else f"cap_{i}"
-            for i in range(64) if eff >> i & 1]
+    return host.cap_names(host.effective_caps(f"self/task/{ctypes.CDLL(None).gettid()}"))
 
 
 def drop_privileges(user: Optional[str] = None) -> None:

@@ -39,7 +39,7 @@ class Cgroup(str):
 
 @pytest.fixture
 def cgroup():
-    from netmon.monitor import cgroup2_root
+    from netmon.host import cgroup2_root
     path = Cgroup(os.path.join(cgroup2_root(), f"netmon-test-{uuid.uuid4().hex[:8]}"))
     os.mkdir(path)
     yield path

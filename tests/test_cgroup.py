@@ -14,7 +14,7 @@ from test_kernel import (  # noqa: F401 (fixtures below)
 )
 
 from netmon import Monitor
-from netmon.monitor import cgroup2_root
+from netmon.host import cgroup2_root
 
 pytestmark = pytest.mark.bpf
 URING = os.path.join(os.path.dirname(__file__), "uring_connect.py")

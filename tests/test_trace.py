@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from netmon import cli, trace
+from netmon import cli
+from netmon.cli import trace
 from netmon.event import Event, wall_offset_ns
 from netmon.testing import record, synthetic_monitor
 

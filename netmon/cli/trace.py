@@ -11,13 +11,17 @@ import json
 import os
 import signal
 import sys
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
-from .cli import EXIT_RUNTIME, EXIT_USAGE, UsageError, _backend, _count, _Parser
-from .event import Event
-from .filters import FAMILY_NAMES, FILTER_NAMES, FilterError, compile_filter
-from .monitor import Monitor, MonitorError
+from ..event import Event
+from ..filters import FAMILY_NAMES, FILTER_NAMES, FilterError, compile_filter
+from ..monitor import Monitor, MonitorError
+from .settings import Failure, Parser, UsageError, backend, count, run_command
 
+PROG = "netmon trace"
+SUMMARY = "print connects as they happen, no server"
+PARSER = dict(description="Print every connect() on this host as it happens (no server). "
+                          "Filters combine; they are those of GET /api/events.")
 CAPACITY = 65536  # the store only has to hold what the printer has not reached yet
 FAMILIES = {v: k for k, v in FAMILY_NAMES.items()}
 LINE = "{:<15}  {:>7}  {:<15}  {:<6}  {:<28}  {:<5}  {}"
@@ -30,10 +34,7 @@ def _number(text: str):
     return int(text) if text.isdecimal() else text
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="netmon trace", allow_abbrev=False,
-                description="Print every connect() on this host as it happens (no server). "
-                            "Filters combine; they are those of GET /api/events.")
+def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--pid", type=_number, help="only this process")
     p.add_argument("--command", help="only this command (comm, exact)")
     p.add_argument("--family", help="inet, inet6 or unix")
@@ -44,12 +45,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default="connect",
                    help="connect (default), udp_send or all (udp_send needs the cgroup hooks)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--count", type=_count, metavar="N", help="stop after N events")
-    p.add_argument("--backend", type=_backend, default="syscall",
+    p.add_argument("--count", type=count, metavar="N", help="stop after N events")
+    p.add_argument("--backend", type=backend, default="syscall",
                    help="syscall (default: every line prints a final result), cgroup or "
                         "auto; with the cgroup hooks a line prints before the connect has "
                         "a result, so it shows 'unknown'")
+    p.set_defaults(finish=finish, run=run)
     return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`netmon trace ARGV`, as the netmon command runs it."""
+    return run_command(configure(Parser(prog=PROG, allow_abbrev=False, **PARSER)),
+                       sys.argv[1:] if argv is None else argv, PROG, os.environ)
+
+
+def finish(args: argparse.Namespace, environ: Mapping[str, str]) -> argparse.Namespace:
+    """The filters, checked here: a bad one fails before anything is loaded."""
+    filters = {k: getattr(args, k) for k in FILTER_NAMES if getattr(args, k) is not None}
+    try:
+        args.where = compile_filter(**filters)
+    except FilterError as e:
+        raise UsageError(str(e)) from None
+    return args
 
 
 def line(ev: Event) -> str:
@@ -66,31 +84,13 @@ def _interrupt(*_):
     raise KeyboardInterrupt
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        filters = {k: getattr(args, k) for k in FILTER_NAMES if getattr(args, k) is not None}
-        where = compile_filter(**filters)  # a bad filter fails here, before anything is loaded
-    except (UsageError, FilterError) as e:
-        print(f"netmon trace: error: {e} (see netmon trace --help)", file=sys.stderr)
-        return EXIT_USAGE
-    except SystemExit as e:  # --help
-        return e.code
-    monitor = Monitor(capacity=CAPACITY, backend=args.backend,
-                      udp_sends=args.kind != "connect")
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        monitor.start()
-    except MonitorError as e:  # the cause's line; the verifier log is not for a terminal
-        print(f"netmon trace: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return EXIT_RUNTIME
-    print(f"netmon trace: watching with the {monitor.backend} backend; Ctrl-C stops",
-          file=sys.stderr, flush=True)
+def run(args: argparse.Namespace) -> int:
+    monitor = _start(args)
     shown = 0
     try:
         if not args.json:
             print(HEADER, flush=True)
-        for ev in monitor.follow(where=where):
+        for ev in monitor.follow(where=args.where):
             print(json.dumps(ev.to_dict()) if args.json else line(ev), flush=True)
             shown += 1
             if shown == args.count:
@@ -106,3 +106,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"netmon trace: {shown} shown; the kernel saw {stats['captured']} events, dropped "
           f"{stats['dropped_total']}{f' ({lost})' if lost else ''}", file=sys.stderr)
     return 0
+
+
+def _start(args: argparse.Namespace) -> Monitor:
+    monitor = Monitor(capacity=CAPACITY, backend=args.backend,
+                      udp_sends=args.kind != "connect")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        monitor.start()
+    except MonitorError as e:  # the cause's line; the verifier log is not for a terminal
+        raise Failure(str(e).splitlines()[0]) from None
+    print(f"netmon trace: watching with the {monitor.backend} backend; Ctrl-C stops",
+          file=sys.stderr, flush=True)
+    return monitor
