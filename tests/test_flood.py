@@ -10,7 +10,7 @@ import socket
 import time
 
 import pytest
-from test_security import start, stop
+from helpers import start, stop
 
 pytestmark = pytest.mark.bpf
 SECONDS = float(os.environ.get("NETMON_FLOOD_SECONDS", "60"))

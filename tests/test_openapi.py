@@ -4,6 +4,7 @@ no 5xx and no answer the document does not describe. Deterministic: derandomized
 import threading
 
 import schemathesis
+from helpers import Healthy, call
 from hypothesis import HealthCheck, settings
 from openapi_spec_validator import validate
 from schemathesis.specs.openapi.checks import (
@@ -12,7 +13,6 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from test_api import Healthy, call
 
 from netmon.api import make_app
 from netmon.openapi import SPEC

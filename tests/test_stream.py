@@ -4,19 +4,15 @@ test streams real kernel events from the netmon command (root)."""
 import http.client
 import json
 import socket
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import pytest
+from helpers import run_child, start_netmon
 
 import netmon.api as api
 from netmon.api import MAX_STREAMS, make_app
 from netmon.server import Server
 from netmon.testing import record, synthetic_monitor
-
-CONNECTOR = Path(__file__).with_name("connector.py")
 
 
 class Stream:
@@ -222,7 +218,6 @@ def test_shutdown_ends_open_streams_cleanly():
 
 @pytest.mark.bpf
 def test_real_connects_stream_and_resume():
-    from test_e2e import start_netmon
     proc, port, _ = start_netmon("--backend", "syscall")  # results final when streamed
     try:
         comm = "nm-sse-child"
@@ -232,9 +227,7 @@ def test_real_connects_stream_and_resume():
             listener.listen()
             target = ["127.0.0.1", listener.getsockname()[1]]
             ops = [{"family": "inet", "addr": target, "repeat": 3}]
-            out = subprocess.run([sys.executable, str(CONNECTOR), comm, json.dumps(ops)],
-                                 check=True, capture_output=True, text=True).stdout
-        child = json.loads(out)["pid"]
+            child = run_child(comm, ops)["pid"]
         msgs = s.events(3)
         s.close()
         for m in msgs:
