@@ -63,7 +63,7 @@ def test_every_operation_with_generated_input(case):
     case.validate_response(response, checks=CHECKS)
 
 
-# The same run with access control on (issue 6): every answer still has a documented
+# The same run with access control on: every answer still has a documented
 # status and shape, and the token is required (a call without it is a 401).
 TOKEN = "fuzz-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -1,4 +1,4 @@
-"""Access control, least privilege and fault handling (issue 6)."""
+"""Access control, least privilege and fault handling."""
 import json
 import os
 import socket
