@@ -1,7 +1,9 @@
-"""Shared test policy: kernel tests (marker `bpf`) need root. Without root they skip,
-unless NETMON_REQUIRE_BPF is set (CI sets it): then they fail, so nothing is silently
-left untested."""
+"""Fixtures shared by the test modules (plain helpers are in helpers.py), and the policy:
+kernel tests (marker `bpf`) need root. Without root they skip, unless NETMON_REQUIRE_BPF
+is set (CI sets it): then they fail, so nothing is silently left untested."""
 import os
+import socket
+import tempfile
 import uuid
 
 import pytest
@@ -44,3 +46,31 @@ def cgroup():
     os.mkdir(path)
     yield path
     os.rmdir(path)  # empty again: every process the test put there has exited
+
+
+@pytest.fixture(scope="module")
+def listeners():
+    """One of each kind of connect target (kernel tests): tcp4/tcp6 ports and unix/abstract
+    sockets listening, a bound port that refuses, a unix path nobody made."""
+    tmp = tempfile.mkdtemp()
+    tcp4 = socket.socket()
+    tcp4.bind(("127.0.0.1", 0))
+    tcp4.listen(64)
+    tcp6 = socket.socket(socket.AF_INET6)
+    tcp6.bind(("::1", 0))
+    tcp6.listen(64)
+    path = os.path.join(tmp, "netmon-test.sock")
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(path)
+    unix.listen(64)
+    abstract = socket.socket(socket.AF_UNIX)
+    abstract_name = f"\0netmon-test-{os.getpid()}"  # unique: tests may run side by side
+    abstract.bind(abstract_name)
+    abstract.listen(64)
+    closed = socket.socket()  # bound, never listening: connects to it are refused
+    closed.bind(("127.0.0.1", 0))
+    yield {"tcp4": tcp4.getsockname()[1], "tcp6": tcp6.getsockname()[1], "path": path,
+           "abstract": abstract_name, "closed": closed.getsockname()[1],
+           "missing": os.path.join(tmp, "no-such.sock")}
+    for s in (tcp4, tcp6, unix, abstract, closed):
+        s.close()

@@ -1,12 +1,11 @@
 """The HTTP API, in process: synthetic records through the store, WSGI calls into the app.
 No root, no BPF, no sockets."""
-import io
 import json
 import logging
 import re
-from typing import NamedTuple
 
 import pytest
+from helpers import Healthy, assert_error, call
 
 import netmon
 from netmon.testing import record, synthetic_monitor
@@ -21,53 +20,6 @@ BAD_PID = "pid must be a positive integer"
 BAD_COMMAND = "command must be a non-empty string of at most 15 characters"
 BAD_LIMIT = "limit must be between 1 and 1000"
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
-
-
-class Reply(NamedTuple):
-    status: int
-    headers: dict
-    body: dict
-
-
-def call(app, method, path, body=None, *, query="", headers=None) -> Reply:
-    """One request through the WSGI interface. body: a dict/list (sent as JSON) or bytes."""
-    data = body if isinstance(body, bytes) else b"" if body is None else json.dumps(body).encode()
-    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
-               "SERVER_NAME": "test", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
-               "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(data),
-               "wsgi.errors": io.StringIO(), "CONTENT_LENGTH": str(len(data))}
-    environ.update(headers or {})
-    started = {}
-
-    def start_response(status, response_headers, exc_info=None):
-        started["status"] = int(status.split()[0])
-        started["headers"] = dict(response_headers)
-
-    raw = b"".join(app(environ, start_response))
-    assert started["headers"]["Content-Type"] == "application/json"
-    return Reply(started["status"], started["headers"], json.loads(raw))
-
-
-def assert_error(reply, status, reason, message=None):
-    assert reply.status == status
-    assert set(reply.body) == {"error", "message"}
-    assert reply.body["error"] == reason
-    assert reply.body["message"]
-    if message is not None:
-        assert reply.body["message"] == message
-
-
-class Healthy:
-    """A synthetic monitor reporting the health it is given (it has no kernel side)."""
-
-    def __init__(self, monitor, health=(True, None)):
-        self._monitor, self._health = monitor, health
-
-    def health(self):
-        return self._health
-
-    def __getattr__(self, name):
-        return getattr(self._monitor, name)
 
 
 @pytest.fixture

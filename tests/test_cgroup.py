@@ -6,12 +6,7 @@ import sys
 import time
 
 import pytest
-from test_kernel import (  # noqa: F401 (fixtures below)
-    _bpftool,
-    listeners,  # noqa: F401
-    run_child,
-    wait_for,
-)
+from helpers import bpf_ids, run_child, wait_for
 
 from netmon import Monitor
 from netmon.host import cgroup2_root
@@ -32,7 +27,7 @@ def uring_connect(port):
     return json.loads(out)
 
 
-def test_every_family_and_tcp_outcomes(cgmon, listeners):  # noqa: F811
+def test_every_family_and_tcp_outcomes(cgmon, listeners):
     L = listeners
     ops = [
         {"family": "inet", "addr": ["127.0.0.1", L["tcp4"]]},
@@ -65,7 +60,7 @@ def test_every_family_and_tcp_outcomes(cgmon, listeners):  # noqa: F811
     assert all(e.latency_us is None and e.error is None for e in evs if e.protocol != "TCP")
 
 
-def test_io_uring_connect_seen_by_cgroup_missed_by_syscall(cgmon, listeners):  # noqa: F811
+def test_io_uring_connect_seen_by_cgroup_missed_by_syscall(cgmon, listeners):
     with Monitor(capacity=1 << 20, backend="syscall") as sysmon:
         r = uring_connect(listeners["tcp4"])
         assert r["res"] == 0
@@ -77,12 +72,9 @@ def test_io_uring_connect_seen_by_cgroup_missed_by_syscall(cgmon, listeners):  #
         f"127.0.0.1:{listeners['tcp4']}", "TCP", "established")
 
 
-def test_process_in_a_child_cgroup(cgmon, listeners, cgroup):  # noqa: F811
+def test_process_in_a_child_cgroup(cgmon, listeners, cgroup):
     op = {"family": "inet", "addr": ["127.0.0.1", listeners["tcp4"]]}
-    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "connector.py"),
-                          "nm-cg-child", json.dumps([op])],
-                         check=True, capture_output=True, text=True, preexec_fn=cgroup.enter)
-    child = json.loads(out.stdout)
+    child = run_child("nm-cg-child", [op], preexec_fn=cgroup.enter)
     (ev,) = wait_for(cgmon, child["pid"], 1)
     assert ev.cgroup_id == os.stat(cgroup).st_ino
     assert ev.command == "nm-cg-child"
@@ -112,7 +104,7 @@ def _attached_ids():
     out = subprocess.run(["bpftool", "-j", "cgroup", "tree", cgroup2_root()],
                          capture_output=True, text=True).stdout
     tree = {p.get("id") for entry in json.loads(out or "[]") for p in entry.get("programs", [])}
-    return tree, {link.get("prog_id") for link in _bpftool("link", "list")}
+    return tree, {link.get("prog_id") for link in bpf_ids("link")}
 
 
 def test_nothing_left_on_the_cgroup_root_after_exit_or_kill():
@@ -150,15 +142,12 @@ def test_backend_reported(cgmon):
 
 
 @pytest.mark.parametrize("backend", ["syscall", "cgroup"])
-def test_scoped_to_one_cgroup(cgroup, backend, listeners):  # noqa: F811
+def test_scoped_to_one_cgroup(cgroup, backend, listeners):
     ops = [{"family": "inet", "type": "dgram", "addr": ["127.0.0.1", 9], "repeat": 5},
            {"family": "inet", "addr": ["127.0.0.1", listeners["closed"]]}]
     with Monitor(capacity=1024, backend=backend, cgroup=cgroup) as m:
         outside = run_child("nm-outside", ops)
-        inside = json.loads(subprocess.run(
-            [sys.executable, os.path.join(os.path.dirname(__file__), "connector.py"),
-             "nm-inside", json.dumps(ops)], check=True, capture_output=True, text=True,
-            preexec_fn=cgroup.enter).stdout)
+        inside = run_child("nm-inside", ops, preexec_fn=cgroup.enter)
         evs = wait_for(m, inside["pid"], 6)
         time.sleep(0.05)
         assert len(evs) == 6 and evs[-1].outcome == "refused"

@@ -1,84 +1,19 @@
 """End to end: the installed `netmon` command on an ephemeral loopback port, real connects
 from a child with a known comm, questions over HTTP as curl would ask them, then SIGTERM.
 Needs root; the tests run in file order and the last one stops the server."""
-import json
 import os
-import re
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
+from helpers import bpf_ids, http, prog_ids_held_by, run_child, start_netmon
 
 import netmon
 
 pytestmark = pytest.mark.bpf
-
-CONNECTOR = Path(__file__).with_name("connector.py")
 COMM = "nm-e2e-child"
-
-
-def netmon_command():
-    script = Path(sys.executable).with_name("netmon")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "netmon"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_netmon(*args, env=None):
-    """`netmon` on a free loopback port, NETMON_* cleared: (process, port, startup line).
-    The line is printed once the programs are attached."""
-    port = free_port()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("NETMON_")}
-    proc = subprocess.Popen(netmon_command() + ["--addr", f"127.0.0.1:{port}", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**clean, "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})})
-    line = proc.stdout.readline()
-    assert line, f"netmon did not start: {proc.stderr.read()}"
-    return proc, port, line.strip()
-
-
-def http(url, body=None, method=None, headers=None):
-    """(status, headers, parsed JSON) for one request; HTTP errors are answers too."""
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            status, head, raw = r.status, r.headers, r.read()
-    except urllib.error.HTTPError as e:
-        status, head, raw = e.code, e.headers, e.read()
-    assert head["Content-Type"] == "application/json"
-    return status, head, json.loads(raw)
-
-
-def bpf_ids(kind):
-    out = subprocess.run(["bpftool", "-j", kind, "list"], check=True, capture_output=True,
-                         text=True).stdout
-    return json.loads(out or "[]")
-
-
-def prog_ids_held_by(pid):
-    """The BPF program ids a process holds open (program and link fds both name them)."""
-    ids = set()
-    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
-        try:
-            text = info.read_text()
-        except FileNotFoundError:  # a connection's fd, closed since the listing
-            continue
-        m = re.search(r"^prog_id:\s*(\d+)$", text, re.M)
-        if m:
-            ids.add(int(m.group(1)))
-    return ids
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +50,7 @@ def child(server):
            {"family": "unix", "addr": path},
            {"family": "inet", "addr": ["127.0.0.1", ports["closed"]]},
            {"family": "inet", "type": "dgram", "addr": ["127.0.0.1", ports["udp"]]}]
-    out = subprocess.run([sys.executable, str(CONNECTOR), COMM, json.dumps(ops)],
-                         check=True, capture_output=True, text=True).stdout
-    result = json.loads(out)
+    result = run_child(COMM, ops)
     for s in (tcp4, tcp6, unix, closed, udp):
         s.close()
     deadline = time.monotonic() + 10  # the poll loop delivers within tens of ms

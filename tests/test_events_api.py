@@ -5,7 +5,7 @@ import datetime as dt
 import random
 
 import pytest
-from test_api import assert_error, call
+from helpers import assert_error, call
 
 from netmon.testing import record, synthetic_monitor
 from netmon.web import make_app

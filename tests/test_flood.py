@@ -1,4 +1,4 @@
-"""Event flood (issue 6): connects as fast as two cores allow for 60 s against the real
+"""Event flood: connects as fast as two cores allow for 60 s against the real
 `netmon`: /health keeps answering, RSS stays flat once the store is full, and every
 connect made is stored, evicted or counted as dropped. netmon watches only the load's
 cgroup (--cgroup), so the ledger is exact whatever else the machine is doing."""
@@ -10,7 +10,7 @@ import socket
 import time
 
 import pytest
-from test_security import start, stop
+from helpers import start, stop
 
 pytestmark = pytest.mark.bpf
 SECONDS = float(os.environ.get("NETMON_FLOOD_SECONDS", "60"))

@@ -2,65 +2,23 @@
 import errno
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 import pytest
+from helpers import bpf_ids, child_env, run_child, wait_for, wait_progs_unloaded
 
 from netmon import Monitor, _core
 
 pytestmark = pytest.mark.bpf
-CONNECTOR = os.path.join(os.path.dirname(__file__), "connector.py")
-
-
-def run_child(comm, ops):
-    out = subprocess.run([sys.executable, CONNECTOR, comm, json.dumps(ops)], check=True,
-                         capture_output=True, text=True).stdout
-    return json.loads(out)
-
-
-def wait_for(mon, pid, n, timeout=2.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        evs = mon.events(pid=pid)
-        if len(evs) >= n or time.monotonic() > deadline:
-            return evs
-        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
 def mon():
     with Monitor(capacity=1 << 20, backend="syscall") as m:  # roomy: the host may be busy
         yield m
-
-
-@pytest.fixture(scope="module")
-def listeners():
-    tmp = tempfile.mkdtemp()
-    tcp4 = socket.socket()
-    tcp4.bind(("127.0.0.1", 0))
-    tcp4.listen(64)
-    tcp6 = socket.socket(socket.AF_INET6)
-    tcp6.bind(("::1", 0))
-    tcp6.listen(64)
-    path = os.path.join(tmp, "netmon-test.sock")
-    unix = socket.socket(socket.AF_UNIX)
-    unix.bind(path)
-    unix.listen(64)
-    abstract = socket.socket(socket.AF_UNIX)
-    abstract_name = f"\0netmon-test-{os.getpid()}"  # unique: tests may run side by side
-    abstract.bind(abstract_name)
-    abstract.listen(64)
-    closed = socket.socket()  # bound, never listening: connects to it are refused
-    closed.bind(("127.0.0.1", 0))
-    yield {"tcp4": tcp4.getsockname()[1], "tcp6": tcp6.getsockname()[1], "path": path,
-           "abstract": abstract_name, "closed": closed.getsockname()[1],
-           "missing": os.path.join(tmp, "no-such.sock")}
-    for s in (tcp4, tcp6, unix, abstract, closed):
-        s.close()
 
 
 def test_every_kind_of_connect_every_field(mon, listeners):
@@ -187,30 +145,23 @@ def test_drops_are_counted_exactly(cgroup):
     with Monitor(capacity=4096, ringbuf_bytes=os.sysconf("SC_PAGE_SIZE"), cgroup=cgroup) as m:
         m._pause(True)
         time.sleep(0.05)  # let a poll in progress finish
-        out = subprocess.run([sys.executable, CONNECTOR, "nm-drops", json.dumps(ops)],
-                             check=True, capture_output=True, text=True,
-                             preexec_fn=cgroup.enter).stdout
+        child = run_child("nm-drops", ops, preexec_fn=cgroup.enter)
         m._pause(False)
         time.sleep(0.1)
-        delivered = m.count(pid=json.loads(out)["pid"])
+        delivered = m.count(pid=child["pid"])
         st = m.stats()
     assert st["dropped"]["ringbuf_full"] > 0 and delivered > 0
     assert delivered + st["dropped"]["ringbuf_full"] == n == st["captured"]
-
-
-def _bpftool(*args):
-    return json.loads(subprocess.run(["bpftool", "-j", *args], check=True,
-                                     capture_output=True, text=True).stdout or "[]")
 
 
 def test_nothing_left_attached_after_exit():
     with Monitor(capacity=1024, backend="syscall") as m:
         ids = {s["id"] for s in m.program_stats().values()}
         assert len(ids) == 3
-        assert ids <= {p["id"] for p in _bpftool("prog", "list")}
-        assert ids <= {link.get("prog_id") for link in _bpftool("link", "list")}
-    assert not ids & {p["id"] for p in _bpftool("prog", "list")}
-    assert not ids & {link.get("prog_id") for link in _bpftool("link", "list")}
+        assert ids <= {p["id"] for p in bpf_ids("prog")}
+        assert ids <= {link.get("prog_id") for link in bpf_ids("link")}
+    assert not ids & {p["id"] for p in bpf_ids("prog")}
+    assert not ids & {link.get("prog_id") for link in bpf_ids("link")}
 
 
 def test_killed_process_leaves_nothing_attached():
@@ -220,16 +171,14 @@ def test_killed_process_leaves_nothing_attached():
             "print(json.dumps(sorted(s['id'] for s in m.program_stats().values())), flush=True)\n"
             "time.sleep(60)\n")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                         env=child_env())
     ids = set(json.loads(p.stdout.readline()))
-    assert ids and ids <= {p["id"] for p in _bpftool("prog", "list")}
+    assert ids and ids <= {p["id"] for p in bpf_ids("prog")}
     p.kill()
     p.wait()
-    deadline = time.monotonic() + 5
-    while ids & {p["id"] for p in _bpftool("prog", "list")} and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not ids & {p["id"] for p in _bpftool("prog", "list")}
-    assert not ids & {link.get("prog_id") for link in _bpftool("link", "list")}
+    wait_progs_unloaded(ids)
+    assert not ids & {p["id"] for p in bpf_ids("prog")}
+    assert not ids & {link.get("prog_id") for link in bpf_ids("link")}
 
 
 def test_privileges_dropped_after_attach_and_capture_goes_on():
@@ -246,7 +195,7 @@ def test_privileges_dropped_after_attach_and_capture_goes_on():
             "                  'mine': m.count(pid=os.getpid(), protocol='udp')}))\n"
             "m.stop()\n")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                         text=True, env=child_env())
     got = json.loads(out.stdout)
     assert got == {"uid": 65534, "caps": [], "ok": True, "mine": 1}
 
@@ -265,7 +214,7 @@ def test_runs_with_only_cap_bpf_and_cap_perfmon():
             "    print(json.dumps({'caps': caps, 'mine': m.count(pid=os.getpid()),\n"
             "                      'backend': m.backend}))\n")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                         text=True, env=child_env())
     # auto falls back to the syscall backend: cgroup programs would need CAP_NET_ADMIN
     assert json.loads(out.stdout) == {"caps": ["perfmon", "bpf"], "mine": 1,
                                       "backend": "syscall"}

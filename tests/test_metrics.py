@@ -4,22 +4,17 @@ the store evicts. The last test counts real connects (root)."""
 import io
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
+from helpers import call, run_child, start_netmon
 from prometheus_client.parser import text_string_to_metric_families
-from test_api import call
 
 import netmon
 from netmon.testing import record, synthetic_monitor
 from netmon.web import make_app
-
-CONNECTOR = Path(__file__).with_name("connector.py")
 
 
 def scrape_app(app) -> str:
@@ -137,7 +132,6 @@ def test_stats_reports_run_counts_only_when_the_kernel_counts(monkeypatch, tmp_p
 
 @pytest.fixture(scope="module")
 def server():
-    from test_e2e import start_netmon
     proc, port, _ = start_netmon("--backend", "syscall")  # exact results to count
     try:
         yield f"http://127.0.0.1:{port}"
@@ -162,9 +156,7 @@ def test_metrics_count_real_connects_and_match_stats(server):
     m1 = samples(get(server + "/metrics"))
     mid1 = json.loads(get(server + "/api/stats"))
     ops = [{"family": "unix", "addr": missing, "repeat": 5}]
-    out = subprocess.run([sys.executable, str(CONNECTOR), "nm-metrics", json.dumps(ops)],
-                         check=True, capture_output=True, text=True).stdout
-    pid = json.loads(out)["pid"]
+    pid = run_child("nm-metrics", ops)["pid"]
     for _ in range(200):  # the poll loop delivers within tens of ms
         page = json.loads(get(server + f"/api/events?pid={pid}"))
         if page["count"] == 5:

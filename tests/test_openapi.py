@@ -4,6 +4,7 @@ no 5xx and no answer the document does not describe. Deterministic: derandomized
 import threading
 
 import schemathesis
+from helpers import Healthy, call
 from hypothesis import HealthCheck, settings
 from openapi_spec_validator import validate
 from schemathesis.specs.openapi.checks import (
@@ -12,7 +13,6 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from test_api import Healthy, call
 
 from netmon.testing import record, synthetic_monitor
 from netmon.web import make_app
@@ -63,7 +63,7 @@ def test_every_operation_with_generated_input(case):
     case.validate_response(response, checks=CHECKS)
 
 
-# The same run with access control on (issue 6): every answer still has a documented
+# The same run with access control on: every answer still has a documented
 # status and shape, and the token is required (a call without it is a 401).
 TOKEN = "fuzz-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

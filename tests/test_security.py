@@ -1,16 +1,23 @@
-"""Access control, least privilege and fault handling (issue 6)."""
+"""Access control, least privilege and fault handling."""
 import json
 import os
-import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 import urllib.request
 
 import pytest
-from test_e2e import bpf_ids, http, netmon_command, prog_ids_held_by, start_netmon
+from helpers import (
+    bpf_ids,
+    child_env,
+    http,
+    netmon_command,
+    prog_ids_held_by,
+    start,
+    stop,
+    wait_progs_unloaded,
+)
 
 from netmon.testing import record, synthetic_monitor
 from netmon.web import make_app
@@ -108,8 +115,7 @@ def test_is_loopback():
 
 def run_cli(*args, env=None):
     return subprocess.run(netmon_command() + list(args), capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
-                               **(env or {})}, timeout=30)
+                          env=child_env(env), timeout=30)
 
 
 def test_remote_bind_needs_a_token_or_an_explicit_risk(tmp_path):
@@ -127,17 +133,6 @@ def test_remote_bind_needs_a_token_or_an_explicit_risk(tmp_path):
 
 
 # ---- with the real kernel ----
-
-def start(*args, env=None):
-    """A running netmon: (process, host:port, startup line)."""
-    proc, port, line = start_netmon(*args, env=env)
-    return proc, f"127.0.0.1:{port}", line
-
-
-def stop(proc):
-    proc.send_signal(signal.SIGTERM)
-    return proc.wait(timeout=5)
-
 
 @pytest.mark.bpf
 def test_token_tls_and_dropped_capabilities_end_to_end(tmp_path):
@@ -185,9 +180,7 @@ def test_kill_9_leaves_nothing_attached():
     assert len(ids) == 4  # the default (auto) here: the cgroup backend
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 5
-    while ids & {p["id"] for p in bpf_ids("prog")} and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_progs_unloaded(ids)
     assert not ids & {p["id"] for p in bpf_ids("prog")}
     assert not ids & {link.get("prog_id") for link in bpf_ids("link")}
 

@@ -4,20 +4,16 @@ test streams real kernel events from the netmon command (root)."""
 import http.client
 import json
 import socket
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import pytest
+from helpers import run_child, start_netmon
 
 import netmon.web.events as events_api
 from netmon.testing import record, synthetic_monitor
 from netmon.web import make_app
 from netmon.web.limits import MAX_STREAMS
 from netmon.web.server import Server
-
-CONNECTOR = Path(__file__).with_name("connector.py")
 
 
 class Stream:
@@ -223,7 +219,6 @@ def test_shutdown_ends_open_streams_cleanly():
 
 @pytest.mark.bpf
 def test_real_connects_stream_and_resume():
-    from test_e2e import start_netmon
     proc, port, _ = start_netmon("--backend", "syscall")  # results final when streamed
     try:
         comm = "nm-sse-child"
@@ -233,9 +228,7 @@ def test_real_connects_stream_and_resume():
             listener.listen()
             target = ["127.0.0.1", listener.getsockname()[1]]
             ops = [{"family": "inet", "addr": target, "repeat": 3}]
-            out = subprocess.run([sys.executable, str(CONNECTOR), comm, json.dumps(ops)],
-                                 check=True, capture_output=True, text=True).stdout
-        child = json.loads(out)["pid"]
+            child = run_child(comm, ops)["pid"]
         msgs = s.events(3)
         s.close()
         for m in msgs:

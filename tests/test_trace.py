@@ -1,21 +1,17 @@
 """`netmon trace`: filters checked before anything loads, aligned columns, and (root) the
 real command capturing real connects, stopping on --count or SIGTERM with a summary."""
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import child_env, netmon_command, run_child
 
 from netmon import cli
 from netmon.cli import trace
 from netmon.event import Event, wall_offset_ns
 from netmon.testing import record, synthetic_monitor
-
-CONNECTOR = Path(__file__).with_name("connector.py")
 
 
 @pytest.mark.parametrize("argv, param", [
@@ -67,19 +63,15 @@ def test_columns_line_up():
 # ---- the real command (root) ----
 
 def start_trace(*args):
-    from test_e2e import netmon_command
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen(netmon_command() + ["trace", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=child_env())
     ready = proc.stderr.readline()  # printed once the programs are attached
     assert ready.startswith("netmon trace: watching"), ready + proc.stderr.read()
     return proc
 
 
 def connect_from_child(comm, ops):
-    out = subprocess.run([sys.executable, str(CONNECTOR), comm, json.dumps(ops)], check=True,
-                         capture_output=True, text=True).stdout
-    return json.loads(out)["pid"]
+    return run_child(comm, ops)["pid"]
 
 
 @pytest.fixture

@@ -5,14 +5,15 @@ markdown table with a target and a "met?" column, and asserts nothing.
 Writes build/bench/results.md and build/bench/results.json. BENCH_PAIRS=3 for a quick run
 (default 10 A/B pairs per load).
 
-Method (see ../shared/reference-bench/README.md for why): the machine drifts by up to
-±30 % over minutes, so every monitored run is paired with an unmonitored run of the same
-load taken seconds before it, and we quote the median (min–max) of the per-pair ratios.
+Method: the machine drifts by up to ±30 % over minutes (run-to-run comparisons taken
+minutes apart mislead), so every monitored run is paired with an unmonitored run of the
+same load taken seconds before it, and we quote the median (min–max) of the per-pair
+ratios.
 Each monitored run starts a fresh `netmon` server process and stops it (SIGTERM) after
 the load, so nothing is attached during the unmonitored runs; those starts and stops are
 the start-up/shutdown samples. The load runs on one core, the monitor on the other. Both
 capture backends (`--backend syscall` and `--backend cgroup`) run in every pair, in
-alternating order, so they are compared on the same baseline (issue 7's verdict line).
+alternating order, so they are compared on the same baseline (the backend verdict line).
 
 Internal entry point: `bench_netmon.py --serve-full` is the synthetic full-store server;
 `bench_netmon.py --report` prints the table again from build/bench/results.json.
@@ -60,15 +61,15 @@ LOADS = {  # name: (loadgen arguments, label, what netmon should account for eac
 }
 BACKENDS = ("syscall", "cgroup")  # both in every pair; `--udp-sends` added for udp_send loads
 RATIO_TARGET = {"udp": 0.83, "tcp": 0.90, "udp6": 0.83}
-# issue 7: cgroup "at least as good" as syscall, pair by pair, within the noise: its load
-# rate ≥ 0.97× syscall's and its netmon CPU ≤ 1.10× (process CPU is the noisier figure)
+# the backend verdict: cgroup "at least as good" as syscall, pair by pair, within the noise:
+# its load rate ≥ 0.97× syscall's and its netmon CPU ≤ 1.10× (process CPU is the noisier one)
 VERDICT_RATE, VERDICT_CPU = 0.97, 1.10
 UDP_FLUSH_S = 1.2  # udp_send events: one per (process, destination) per second, then swept
 CPU_TARGET_NS = 150
 BPFTRACE_PROG = ('tracepoint:syscalls:sys_exit_connect '
                  '{ printf("%d %s %d\\n", pid, comm, args->ret); }')
 
-# Row 4: the full synthetic store and the queries timed against it
+# The full synthetic store and the queries timed against it
 FULL_EVENTS, FULL_PIDS, FULL_DESTS = 1 << 20, 1000, 10_000
 QUERY_REQUESTS = 1000
 QUERIES = [  # (key, label, method, path or path template, body, target ms)
@@ -281,7 +282,7 @@ class Bpftrace:
         return lines, lost
 
 
-# ---------------------------------------------------------------- rows 1-3 and 7
+# ---------------------------------------------------------------- loads: A/B pairs
 
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 
@@ -363,7 +364,7 @@ def bench_loads(res: dict, bpftrace: bool) -> None:
                 if runs[k]), flush=True)
 
 
-# ---------------------------------------------------------------- row 4: full store
+# ---------------------------------------------------------------- queries: full store
 
 def serve_full() -> None:
     """Child process: a Monitor with a full synthetic store (no kernel attach), served
@@ -440,7 +441,7 @@ def bench_queries(res: dict) -> None:
         proc.wait(30)
 
 
-# ---------------------------------------------------------------- rows 5 and 6
+# ---------------------------------------------------------- server: memory, throughput
 
 def hammer(port, method, path, body_fn, secs) -> dict:
     """THROUGHPUT_CLIENTS threads, each on its own keep-alive connection, for secs."""
@@ -570,143 +571,197 @@ METHOD = (
     "them all; one keep-alive client; latency measured at the client.")
 
 
-def summarize(res: dict) -> tuple:
-    """(markdown, summary dict) from the raw results."""
-    rows, summ = [], {}
+class Table:
+    """The rows of the markdown table: measure, result, target, met?"""
 
-    def row(what, value, target="—", ok=None):
-        rows.append(f"| {what} | {value} | {target} | {met(ok)} |")
+    def __init__(self):
+        self.rows = []
 
-    verdict = {}  # load: (cgroup at least as good as syscall?, why)
-    for name, runs in res["loads"].items():
-        label, kind = LOADS[name][1], LOADS[name][2]
-        s, base = summ.setdefault(name, {}), runs["none"]
-        s["rate_none"] = dist([r["rate"] for r in base])
-        row(f"**{label}**: rate without a monitor", fmt(s["rate_none"], "{:,.0f}", "/s"))
-        tgt = RATIO_TARGET.get(name)
-        for be in BACKENDS:
-            mon = runs[be]
-            s[f"ratio_{be}"] = ratio = dist([m["rate"] / b["rate"] for m, b in zip(mon, base)])
-            clean = dist([m["rate"] / b["rate"] for m, b in zip(mon, base)
-                          if not b["foreign_hooks"]])
-            note = ("" if clean is None or clean["n"] == len(base) else
-                    f"; clean pairs only: {fmt(clean, '{:.3f}')}, n={clean['n']}")
-            judged = clean if note and clean["n"] >= 3 else ratio  # tainted pairs say little
-            row(f"… netmon `{be}`: rate ratio to unmonitored", fmt(ratio, "{:.3f}") + note,
-                f"≥ {tgt}" if tgt else "—", round(judged["median"], 3) >= tgt if tgt else None)
-        if kind is None:
-            s["added_ns_per_syscall"] = {be: dist(
-                [(m["secs"] - b["secs"]) / m["calls"] * 1e9 for m, b in zip(runs[be], base)])
-                for be in BACKENDS}
-            row("… time added per unrelated syscall (base "
-                f"{statistics.median(b['secs'] / b['calls'] * 1e9 for b in base):.0f} ns)",
-                "; ".join(f"`{be}` {fmt(d, '{:.0f}', ' ns')}"
-                          for be, d in s["added_ns_per_syscall"].items()))
-        for be in BACKENDS if kind else ():
-            mon = runs[be]
-            s[f"cpu_ns_{be}"] = c = dist([m["monitor_cpu_ns"] / m["calls"] for m in mon])
-            idle = dist([m["idle_cpu_ns"] / m["calls"] for m in mon])
-            row(f"… netmon `{be}` process CPU per {'datagram' if kind == 'udp_send' else 'event'}"
-                ", fresh store (of which idle polling, at "
-                f"{statistics.median(m['idle_cpu_per_s'] for m in mon) / 1e6:.1f} ms/s while idle)",
-                fmt(c, "{:.0f}", " ns") + f" (idle {idle['median']:.0f} ns)",
-                f"≤ {CPU_TARGET_NS} ns", c["median"] <= CPU_TARGET_NS)
-        for be in BACKENDS if kind else ():
-            mon = runs[be]
-            acc = s[f"accounting_{be}"] = {k: sum(m[k] for m in mon)
-                                           for k in ("calls_both", "stored", "dropped")}
-            acc["calls"] = acc.pop("calls_both")
-            lost = acc["calls"] - acc["stored"] - acc["dropped"]
-            what = ("packets summed over udp_send events + records dropped, of datagrams sent"
-                    if kind == "udp_send" else "events stored + dropped, of calls made")
-            extra = ""
-            if kind == "udp_send":
-                acc["events_per_run"] = dist([m["udp_events"] for m in mon])
-                extra = f"; {fmt(acc['events_per_run'], '{:.0f}')} udp_send events per run"
-            row(f"… netmon `{be}`: {what} (all runs)",
-                f"{acc['stored']:,} + {acc['dropped']:,} of {acc['calls']:,}"
-                + (f" ({lost:+,} unaccounted)" if lost else "") + extra,
-                "all counted, 0 dropped", acc["stored"] == acc["calls"] and acc["dropped"] == 0)
-        progs = s["kernel_ns_per_call"] = {}
-        for be in BACKENDS:
-            mon = runs[be]
-            progs[be] = {p: (dist([m["progs"][p][0] for m in mon if p in m["progs"]]),
-                             statistics.median(m["progs"][p][1] for m in mon if p in m["progs"]))
-                         for p in sorted({p for m in mon for p in m["progs"]})}
-        row("… kernel time per program run (bpf_stats, separate ¼-length run) × runs per call "
-            "(runs of any process: other connects on the host add to the count)",
-            "; ".join(f"`{be}`: " + (", ".join(
-                f"{p.replace('netmon_', '')} {d['median']:.0f} ns × {n:.1f}"
-                for p, (d, n) in pr.items() if d and n >= 0.05) or "none ran")
-                for be, pr in progs.items()))
-        # issue 7: the cgroup backend against the syscall one, run for run (same pair)
-        sc, cg = runs["syscall"], runs["cgroup"]
-        s["cgroup_over_syscall_rate"] = rr = dist([c["rate"] / y["rate"] for c, y in zip(cg, sc)])
-        ok = rr["median"] >= VERDICT_RATE
-        cmp = f"rate {fmt(rr, '{:.3f}')}"
-        if kind:
-            s["cgroup_over_syscall_cpu"] = cr = dist(
-                [c["monitor_cpu_ns"] / y["monitor_cpu_ns"] for c, y in zip(cg, sc)])
-            ok = ok and cr["median"] <= VERDICT_CPU
-            cmp += f"; monitor CPU {fmt(cr, '{:.2f}')}"
-        verdict[name] = (ok, cmp)
-        row("… `cgroup` ÷ `syscall`, pair by pair: load rate; monitor CPU", cmp,
-            f"rate ≥ {VERDICT_RATE:.2f}, CPU ≤ {VERDICT_CPU:.2f}", ok)
-        bt = runs["bpftrace"]
-        if kind != "connect":
-            continue
-        if not bt:
-            row("… with bpftrace, one line per event", "not installed" if not
-                shutil.which("bpftrace") else "not run")
-            continue
-        s["ratio_bpftrace"] = r = dist([m["rate"] / b["rate"] for m, b in zip(bt, base)])
-        s["cpu_ns_bpftrace"] = c = dist([m["monitor_cpu_ns"] / m["calls"] for m in bt])
-        lines, lost = sum(m["stored"] for m in bt), sum(m["dropped"] for m in bt)
-        row("… with bpftrace, one line per event: rate ratio; its CPU per event; "
-            "lines + lost of calls", f"{fmt(r, '{:.3f}')}; {c['median']:,.0f} ns; "
-            f"{lines:,} + {lost:,} of {sum(m['calls'] for m in bt):,}")
-    q = res.get("queries", {})
-    fs = res.get("full_store", {})
+    def row(self, what, value, target="—", ok=None):
+        self.rows.append(f"| {what} | {value} | {target} | {met(ok)} |")
+
+
+def per_pair(mon, base, key="rate") -> list:
+    """Monitored over unmonitored, pair by pair."""
+    return [m[key] / b[key] for m, b in zip(mon, base)]
+
+
+def rate_rows(t: Table, name: str, runs: dict, s: dict) -> None:
+    """The load's unmonitored rate, then each backend's rate ratio to it."""
+    base, tgt = runs["none"], RATIO_TARGET.get(name)
+    s["rate_none"] = dist([r["rate"] for r in base])
+    t.row(f"**{LOADS[name][1]}**: rate without a monitor", fmt(s["rate_none"], "{:,.0f}", "/s"))
+    for be in BACKENDS:
+        mon = runs[be]
+        s[f"ratio_{be}"] = ratio = dist(per_pair(mon, base))
+        clean = dist([m["rate"] / b["rate"] for m, b in zip(mon, base)
+                      if not b["foreign_hooks"]])
+        note = ("" if clean is None or clean["n"] == len(base) else
+                f"; clean pairs only: {fmt(clean, '{:.3f}')}, n={clean['n']}")
+        judged = clean if note and clean["n"] >= 3 else ratio  # tainted pairs say little
+        t.row(f"… netmon `{be}`: rate ratio to unmonitored", fmt(ratio, "{:.3f}") + note,
+              f"≥ {tgt}" if tgt else "—", round(judged["median"], 3) >= tgt if tgt else None)
+
+
+def added_cost_row(t: Table, runs: dict, s: dict) -> None:
+    """A load that connects nowhere: the time each backend adds to every syscall."""
+    base = runs["none"]
+    s["added_ns_per_syscall"] = {be: dist(
+        [(m["secs"] - b["secs"]) / m["calls"] * 1e9 for m, b in zip(runs[be], base)])
+        for be in BACKENDS}
+    t.row("… time added per unrelated syscall (base "
+          f"{statistics.median(b['secs'] / b['calls'] * 1e9 for b in base):.0f} ns)",
+          "; ".join(f"`{be}` {fmt(d, '{:.0f}', ' ns')}"
+                    for be, d in s["added_ns_per_syscall"].items()))
+
+
+def cpu_rows(t: Table, kind: str, runs: dict, s: dict) -> None:
+    """netmon's process CPU per event (or datagram), idle polling included and quoted."""
+    for be in BACKENDS:
+        mon = runs[be]
+        s[f"cpu_ns_{be}"] = c = dist([m["monitor_cpu_ns"] / m["calls"] for m in mon])
+        idle = dist([m["idle_cpu_ns"] / m["calls"] for m in mon])
+        t.row(f"… netmon `{be}` process CPU per {'datagram' if kind == 'udp_send' else 'event'}"
+              ", fresh store (of which idle polling, at "
+              f"{statistics.median(m['idle_cpu_per_s'] for m in mon) / 1e6:.1f} ms/s while idle)",
+              fmt(c, "{:.0f}", " ns") + f" (idle {idle['median']:.0f} ns)",
+              f"≤ {CPU_TARGET_NS} ns", c["median"] <= CPU_TARGET_NS)
+
+
+def accounting_rows(t: Table, kind: str, runs: dict, s: dict) -> None:
+    """Every call of every run stored (or its datagram counted) or counted as dropped?"""
+    for be in BACKENDS:
+        mon = runs[be]
+        acc = s[f"accounting_{be}"] = {k: sum(m[k] for m in mon)
+                                       for k in ("calls_both", "stored", "dropped")}
+        acc["calls"] = acc.pop("calls_both")
+        lost = acc["calls"] - acc["stored"] - acc["dropped"]
+        what = ("packets summed over udp_send events + records dropped, of datagrams sent"
+                if kind == "udp_send" else "events stored + dropped, of calls made")
+        extra = ""
+        if kind == "udp_send":
+            acc["events_per_run"] = dist([m["udp_events"] for m in mon])
+            extra = f"; {fmt(acc['events_per_run'], '{:.0f}')} udp_send events per run"
+        t.row(f"… netmon `{be}`: {what} (all runs)",
+              f"{acc['stored']:,} + {acc['dropped']:,} of {acc['calls']:,}"
+              + (f" ({lost:+,} unaccounted)" if lost else "") + extra,
+              "all counted, 0 dropped", acc["stored"] == acc["calls"] and acc["dropped"] == 0)
+
+
+def kernel_time_row(t: Table, runs: dict, s: dict) -> None:
+    """The kernel's time per program run (bpf_stats) and runs per call, per backend."""
+    progs = s["kernel_ns_per_call"] = {}
+    for be in BACKENDS:
+        mon = runs[be]
+        progs[be] = {p: (dist([m["progs"][p][0] for m in mon if p in m["progs"]]),
+                         statistics.median(m["progs"][p][1] for m in mon if p in m["progs"]))
+                     for p in sorted({p for m in mon for p in m["progs"]})}
+    t.row("… kernel time per program run (bpf_stats, separate ¼-length run) × runs per call "
+          "(runs of any process: other connects on the host add to the count)",
+          "; ".join(f"`{be}`: " + (", ".join(
+              f"{p.replace('netmon_', '')} {d['median']:.0f} ns × {n:.1f}"
+              for p, (d, n) in pr.items() if d and n >= 0.05) or "none ran")
+              for be, pr in progs.items()))
+
+
+def backend_row(t: Table, kind, runs: dict, s: dict) -> tuple:
+    """The cgroup backend against the syscall one, run for run (same pair): (at least as
+    good?, the figures that say so), for the backend verdict."""
+    sc, cg = runs["syscall"], runs["cgroup"]
+    s["cgroup_over_syscall_rate"] = rr = dist(per_pair(cg, sc))
+    ok = rr["median"] >= VERDICT_RATE
+    cmp = f"rate {fmt(rr, '{:.3f}')}"
+    if kind:
+        s["cgroup_over_syscall_cpu"] = cr = dist(per_pair(cg, sc, "monitor_cpu_ns"))
+        ok = ok and cr["median"] <= VERDICT_CPU
+        cmp += f"; monitor CPU {fmt(cr, '{:.2f}')}"
+    t.row("… `cgroup` ÷ `syscall`, pair by pair: load rate; monitor CPU", cmp,
+          f"rate ≥ {VERDICT_RATE:.2f}, CPU ≤ {VERDICT_CPU:.2f}", ok)
+    return ok, cmp
+
+
+def bpftrace_row(t: Table, runs: dict, s: dict) -> None:
+    """The same connect load under bpftrace printing one line per event, for scale."""
+    bt, base = runs["bpftrace"], runs["none"]
+    if not bt:
+        t.row("… with bpftrace, one line per event", "not installed" if not
+              shutil.which("bpftrace") else "not run")
+        return
+    s["ratio_bpftrace"] = r = dist(per_pair(bt, base))
+    s["cpu_ns_bpftrace"] = c = dist([m["monitor_cpu_ns"] / m["calls"] for m in bt])
+    lines, lost = sum(m["stored"] for m in bt), sum(m["dropped"] for m in bt)
+    t.row("… with bpftrace, one line per event: rate ratio; its CPU per event; "
+          "lines + lost of calls", f"{fmt(r, '{:.3f}')}; {c['median']:,.0f} ns; "
+          f"{lines:,} + {lost:,} of {sum(m['calls'] for m in bt):,}")
+
+
+def load_rows(t: Table, name: str, runs: dict) -> tuple:
+    """All rows of one load: (its summary, its backend verdict (ok, why))."""
+    kind, s = LOADS[name][2], {}
+    rate_rows(t, name, runs, s)
+    if kind is None:
+        added_cost_row(t, runs, s)
+    else:
+        cpu_rows(t, kind, runs, s)
+        accounting_rows(t, kind, runs, s)
+    kernel_time_row(t, runs, s)
+    verdict = backend_row(t, kind, runs, s)
+    if kind == "connect":
+        bpftrace_row(t, runs, s)
+    return s, verdict
+
+
+def query_rows(t: Table, res: dict) -> None:
+    """Latency of each query against the full synthetic store."""
+    q, fs = res.get("queries", {}), res.get("full_store", {})
     for key, label, _, _, _, target in QUERIES:
         e = q.get(key)
         what = f"Full store ({fs.get('size', 0):,} events): {label} p50 / p99"
+        goal = f"p99 ≤ {target} ms"
         if e is None:
-            row(what, "not run", f"p99 ≤ {target} ms")
+            t.row(what, "not run", goal)
         elif e["status"] == 404:
-            row(what, "not implemented (404)", f"p99 ≤ {target} ms")
+            t.row(what, "not implemented (404)", goal)
         elif e["status"] != 200:
-            row(what, f"HTTP {e['status']}: {str(e['answer'])[:80]}", f"p99 ≤ {target} ms", False)
+            t.row(what, f"HTTP {e['status']}: {str(e['answer'])[:80]}", goal, False)
         else:
             cover = ""
             if key == "top":  # did every request aggregate the whole store?
                 cover = (f"; each over all {fs['size']:,} events" if e["matched_min"] == fs["size"]
                          else f"; over {e['matched_min']:,}–{e['matched_max']:,} events")
-            row(what, f"{e['p50_ms']:.1f} / {e['p99_ms']:.1f} ms (max {e['max_ms']:.1f})"
-                + cover, f"p99 ≤ {target} ms", e["p99_ms"] <= target)
+            t.row(what, f"{e['p50_ms']:.1f} / {e['p99_ms']:.1f} ms (max {e['max_ms']:.1f})"
+                  + cover, goal, e["p99_ms"] <= target)
 
+
+def server_rows(t: Table, res: dict, summ: dict) -> None:
+    """One long-running netmon: CPU with its store wrapping, API throughput while
+    capturing, memory after start and when full."""
     sc = summ["steady_cpu_ns"] = {be: dist(v) for be, v in res.get("steady_cpu", {}).items()}
     if sc:
-        row("UDP loop (200k, 3 runs each) with netmon's store already full (wrapping, no "
-            "first-touch page faults): netmon process CPU per event, idle polling included",
-            "; ".join(f"`{be}` {fmt(d, '{:.0f}', ' ns')}" for be, d in sc.items()),
-            f"≤ {CPU_TARGET_NS} ns", all(d["median"] <= CPU_TARGET_NS for d in sc.values()))
+        t.row("UDP loop (200k, 3 runs each) with netmon's store already full (wrapping, no "
+              "first-touch page faults): netmon process CPU per event, idle polling included",
+              "; ".join(f"`{be}` {fmt(d, '{:.0f}', ' ns')}" for be, d in sc.items()),
+              f"≤ {CPU_TARGET_NS} ns", all(d["median"] <= CPU_TARGET_NS for d in sc.values()))
     tp = res.get("throughput")
     if tp:
         for k in ("health", "summary"):
-            row(f"API throughput, {THROUGHPUT_CLIENTS} clients, `{k}`, while capturing "
-                f"{tp['capture_per_s']:,.0f} connects/s ({tp['dropped']} dropped)",
-                f"{tp[k]['req_per_s']:,.0f} req/s ({tp[k]['errors']} errors)")
+            t.row(f"API throughput, {THROUGHPUT_CLIENTS} clients, `{k}`, while capturing "
+                  f"{tp['capture_per_s']:,.0f} connects/s ({tp['dropped']} dropped)",
+                  f"{tp[k]['req_per_s']:,.0f} req/s ({tp[k]['errors']} errors)")
     mem = res.get("memory")
     if mem:
         data = mem["capacity"] * mem["record_size"] / 2**20
         limit = 1.1 * data + 60
-        row(f"RSS after start (capacity {mem['capacity']:,} × {mem['record_size']} B "
-            f"= {data:.0f} MiB)", f"{mem['rss_start_mib']:.0f} MiB")
-        row(f"RSS with the store full (filled by {mem['fill_calls']:,} real connects: "
-            f"{mem['fill_stored']:,} stored, {mem['fill_dropped']} dropped, "
-            f"{mem['evicted']:,} evicted)",
-            f"{mem['rss_full_mib']:.0f} MiB", f"≤ {limit:.0f} MiB", mem["rss_full_mib"] <= limit)
+        t.row(f"RSS after start (capacity {mem['capacity']:,} × {mem['record_size']} B "
+              f"= {data:.0f} MiB)", f"{mem['rss_start_mib']:.0f} MiB")
+        t.row(f"RSS with the store full (filled by {mem['fill_calls']:,} real connects: "
+              f"{mem['fill_stored']:,} stored, {mem['fill_dropped']} dropped, "
+              f"{mem['evicted']:,} evicted)",
+              f"{mem['rss_full_mib']:.0f} MiB", f"≤ {limit:.0f} MiB", mem["rss_full_mib"] <= limit)
 
+
+def lifecycle_rows(t: Table, res: dict, summ: dict) -> None:
+    """Start-up and shutdown times of every netmon started, per backend."""
     for key, what in (("startup_s", "start-up: spawn → /health 200"),
                       ("shutdown_s", "shutdown: SIGTERM → exit")):
         by = {be: [m[key] for r in res["loads"].values() for m in r[be]] for be in BACKENDS}
@@ -714,42 +769,61 @@ def summarize(res: dict) -> tuple:
             by["syscall"].append(res["lifecycle_full"][key])
         d = summ[key] = {be: dist(v) for be, v in by.items() if v}
         if d:
-            row(f"netmon {what}", "; ".join(f"`{be}` {fmt(x, '{:.3f}', ' s')}"
-                                            for be, x in d.items()),
-                "≤ 1 s", all(x["median"] <= 1 for x in d.values()))
+            t.row(f"netmon {what}", "; ".join(f"`{be}` {fmt(x, '{:.3f}', ' s')}"
+                                              for be, x in d.items()),
+                  "≤ 1 s", all(x["median"] <= 1 for x in d.values()))
 
-    mach = res["machine"]
+
+def foreign_hooks_note(res: dict, summ: dict) -> list:
+    """A warning when unmonitored runs found another process's connect hooks."""
     base_runs = [b for r in res["loads"].values() for b in r["none"]]
     tainted = sum(1 for b in base_runs if b.get("foreign_hooks"))
     summ["unmonitored_runs_with_foreign_hooks"] = tainted
-    warn = ([(f"**Warning:** {tainted} of {len(base_runs)} unmonitored runs found BPF programs "
+    return ([(f"**Warning:** {tainted} of {len(base_runs)} unmonitored runs found BPF programs "
               "of another process on the connect tracepoints or cgroup connect/sendmsg hooks "
               "(another netmon or a test run); their pairs are not clean."), ""]
             if tainted else [])
-    if verdict:
-        summ["issue7_cgroup_at_least_as_good"] = yes = all(ok for ok, _ in verdict.values())
-        warn += [(f"**Issue 7 verdict: {'YES' if yes else 'NO'}** — the `cgroup` backend is "
-                  f"{'' if yes else 'not '}at least as good as `syscall` on every load row "
-                  f"(pair by pair, median: load rate ≥ {VERDICT_RATE:.2f}× syscall's and netmon "
-                  f"CPU ≤ {VERDICT_CPU:.2f}×, the margins being noise). cgroup ÷ syscall: "
-                  + "; ".join(f"{n} {why} {'✓' if ok else '✗'}"
-                              for n, (ok, why) in verdict.items()) + "."
-                  + ("" if len(sc) < 2 else " With a wrapped store (no first-touch page "
-                     "faults), netmon CPU per UDP event: " + ", ".join(
-                         f"`{be}` {d['median']:.0f} ns" for be, d in sc.items()) + ".")), ""]
-    md = "\n".join([
+
+
+def verdict_note(verdict: dict, summ: dict) -> list:
+    """The backend verdict: is `cgroup` at least as good as `syscall` on every load row?"""
+    if not verdict:
+        return []
+    sc = summ["steady_cpu_ns"]
+    summ["cgroup_at_least_as_good"] = yes = all(ok for ok, _ in verdict.values())
+    return [(f"**Backend verdict: {'YES' if yes else 'NO'}** — the `cgroup` backend is "
+             f"{'' if yes else 'not '}at least as good as `syscall` on every load row "
+             f"(pair by pair, median: load rate ≥ {VERDICT_RATE:.2f}× syscall's and netmon "
+             f"CPU ≤ {VERDICT_CPU:.2f}×, the margins being noise). cgroup ÷ syscall: "
+             + "; ".join(f"{n} {why} {'✓' if ok else '✗'}"
+                         for n, (ok, why) in verdict.items()) + "."
+             + ("" if len(sc) < 2 else " With a wrapped store (no first-touch page "
+                "faults), netmon CPU per UDP event: " + ", ".join(
+                    f"`{be}` {d['median']:.0f} ns" for be, d in sc.items()) + ".")), ""]
+
+
+def summarize(res: dict) -> tuple:
+    """(markdown, summary dict) from the raw results."""
+    t, summ, verdict = Table(), {}, {}  # verdict: load -> (cgroup as good as syscall?, why)
+    for name, runs in res["loads"].items():
+        summ[name], verdict[name] = load_rows(t, name, runs)
+    query_rows(t, res)
+    server_rows(t, res, summ)
+    lifecycle_rows(t, res, summ)
+    notes = foreign_hooks_note(res, summ) + verdict_note(verdict, summ)
+    mach = res["machine"]
+    return "\n".join([
         (f"netmon {mach['commit']} on {mach['nproc']} × {mach['cpu']}, Linux {mach['kernel']}, "
          f"{mach['date']}; {mach['pairs']} A/B pairs per load, median (min–max) of per-pair "
          f"values; load pinned to CPU {mach['load_cpu']}, monitor to CPU {mach['monitor_cpu']}."),
         "",
         "| measure | result | target | met? |",
         "|---|---|---|---|",
-        *rows,
+        *t.rows,
         "",
-        *warn,
+        *notes,
         METHOD,
-    ])
-    return md, summ
+    ]), summ
 
 
 def run_parts(res: dict, bpftrace: bool) -> None:
