@@ -89,8 +89,14 @@ cdef extern from "store.h" nogil:
     int nm_store_init(nm_store *s, uint64_t capacity)
     void nm_store_free(nm_store *s)
     int nm_store_push(nm_store *s, const void *data, size_t size)
-    void nm_store_counters(nm_store *s, uint64_t *head, uint64_t *size, uint64_t *evicted,
-                           uint64_t *malformed, uint64_t *unmatched, uint64_t *oldest_ts)
+    struct nm_counters:
+        uint64_t head
+        uint64_t size
+        uint64_t evicted
+        uint64_t malformed
+        uint64_t unmatched
+        uint64_t oldest_ts
+    nm_counters nm_store_counters(nm_store *s)
     int nm_store_query(nm_store *s, const nm_filter *f, uint64_t limit, int newest,
                        nm_hit **out, uint64_t *n, uint64_t *matched)
     int nm_store_latest_per_pid(nm_store *s, const nm_filter *f, uint64_t per_pid,
@@ -214,12 +220,12 @@ cdef class Store:
         return &self.s
 
     def counters(self):
-        cdef uint64_t head, size, evicted, malformed, unmatched, oldest
+        cdef nm_counters c
         with nogil:
-            nm_store_counters(&self.s, &head, &size, &evicted, &malformed, &unmatched, &oldest)
-        return {"delivered": head, "size": size, "evicted": evicted, "malformed": malformed,
-                "outcomes_unmatched": unmatched, "oldest_ts_ns": oldest if size else None,
-                "last_seq": head}
+            c = nm_store_counters(&self.s)
+        return {"delivered": c.head, "size": c.size, "evicted": c.evicted,
+                "malformed": c.malformed, "outcomes_unmatched": c.unmatched,
+                "oldest_ts_ns": c.oldest_ts if c.size else None, "last_seq": c.head}
 
     def attempts(self):
         """({(family, protocol, ret or None if unknown): count}, other): connect attempts
