@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import bottle
 from prometheus_client import generate_latest
 
-from . import __version__, metrics, openapi
+from . import __version__, _core, metrics, openapi
 from .event import rfc3339
 from .filters import FilterError, compile_filter, parse_time
 from .monitor import Monitor
@@ -28,7 +28,7 @@ MAX_DURATION = 3600
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
 MAX_PID = 2**32 - 1
-COMM_BYTES = 15  # TASK_COMM_LEN - 1
+COMM_BYTES = _core.COMM_LEN - 1  # the NUL-terminated comm of the record
 
 DURATION_MSG = f"duration must be between 1 and {MAX_DURATION} seconds"
 PID_MSG = "pid must be a positive integer"
