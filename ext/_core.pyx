@@ -128,22 +128,22 @@ cdef extern from *:
     #include <stddef.h>
     /* each field of struct netmon_event: its offset and its struct-module format, taken
      * from the compiled header ("s": a byte array of `size` bytes) */
+    #define NM_EVENT_FIELDS(X) X(ts_ns) X(cgroup_id) X(sock_id) X(pid) X(tid) X(uid) X(ret) \
+        X(net_ns) X(latency_us) X(packets) X(family) X(port) X(protocol) X(sock_type) \
+        X(flags) X(kind) X(backend) X(outcome) X(addr_len) X(comm) X(addr)
+    #define NM_MEMBER(f) (((struct netmon_event *)0)->f)
     #define NM_FORMAT(x) _Generic((x), __u8: "B", __u16: "H", __u32: "I", __s32: "i", \
                                   __u64: "Q", default: "s")
-    #define NM_FIELD(f) {#f, offsetof(struct netmon_event, f), \
-                         sizeof(((struct netmon_event *)0)->f), \
-                         NM_FORMAT(((struct netmon_event *)0)->f)}
+    #define NM_FIELD(f) {#f, offsetof(struct netmon_event, f), sizeof(NM_MEMBER(f)), \
+                         NM_FORMAT(NM_MEMBER(f))},
+    #define NM_SIZE(f) + sizeof(NM_MEMBER(f))
     static const struct nm_field {
         const char *name;
         size_t offset, size;
         const char *format;
-    } nm_fields[] = {
-        NM_FIELD(ts_ns), NM_FIELD(cgroup_id), NM_FIELD(sock_id), NM_FIELD(pid),
-        NM_FIELD(tid), NM_FIELD(uid), NM_FIELD(ret), NM_FIELD(net_ns), NM_FIELD(latency_us),
-        NM_FIELD(packets), NM_FIELD(family), NM_FIELD(port), NM_FIELD(protocol),
-        NM_FIELD(sock_type), NM_FIELD(flags), NM_FIELD(kind), NM_FIELD(backend),
-        NM_FIELD(outcome), NM_FIELD(addr_len), NM_FIELD(comm), NM_FIELD(addr),
-    };
+    } nm_fields[] = {NM_EVENT_FIELDS(NM_FIELD)};
+    _Static_assert(0 NM_EVENT_FIELDS(NM_SIZE) == sizeof(struct netmon_event),
+                   "NM_EVENT_FIELDS must name every field of struct netmon_event");
     #define NM_NFIELDS (sizeof(nm_fields) / sizeof(nm_fields[0]))
     """
     struct nm_field:
