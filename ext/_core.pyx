@@ -193,7 +193,6 @@ NETMON_BACKEND_SYSCALL, NETMON_BACKEND_CGROUP = (
                            nm.NETMON_OUTCOME_ESTABLISHED, nm.NETMON_OUTCOME_FAILED)
 DROP_REASONS = ("ringbuf_full", "inflight_full", "no_enter", "outcome_ringbuf_full",
                 "udp_flows_full")
-BACKENDS = ("syscall", "cgroup")
 BPF_CGROUP_UNIX_CONNECT = 49  # Linux 6.7+; not in libbpf 1.1's headers
 TOP_BY = ("destination", "command", "pid", "port", "error")
 assert len(DROP_REASONS) == nm.NETMON_DROP_MAX
@@ -422,8 +421,8 @@ cdef class Probe:
         the kernel has BPF_CGROUP_UNIX_CONNECT (cgroup backend only); scoped: watch only
         the cgroup given to attach() and below it, not the whole host."""
         cdef int err
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}")
+        if backend not in ("syscall", "cgroup"):
+            raise ValueError(f"backend must be syscall or cgroup, got {backend!r}")
         self.store = store
         self.st.udp_fd = -1
         self.st.store = store.ptr()
@@ -432,7 +431,7 @@ cdef class Probe:
         self.skel = netmon_bpf__open()
         if self.skel == NULL:
             raise OSError(errno, "cannot open the embedded BPF object")
-        self._choose(backend == "cgroup", udp_sends, unix_hook)
+        self._autoload(backend == "cgroup", udp_sends, unix_hook)
         err = bpf.bpf_map__set_max_entries(self.skel.maps.events, ringbuf_bytes)
         if err:
             raise OSError(-err, "cannot size the ring buffer")
@@ -449,7 +448,7 @@ cdef class Probe:
         if udp_sends:
             self.st.udp_fd = bpf.bpf_map__fd(self.skel.maps.udp_flows)
 
-    cdef void _choose(self, bint cgroup, bint udp_sends, bint unix_hook):
+    cdef void _autoload(self, bint cgroup, bint udp_sends, bint unix_hook):
         """Load only the programs of one backend; the TCP outcome program serves both."""
         cdef netmon_bpf_progs *p = &self.skel.progs
         bpf.bpf_program__set_autoload(p.netmon_connect_enter, not cgroup)
