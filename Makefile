@@ -47,7 +47,7 @@ bench: build
 lint: build
 	$(PY) -m pip install -q ruff cython-lint
 	$(VENV)/bin/ruff check netmon tests setup.py
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cython-lint --max-line-length 100 ext/_core.pyx ext/libbpf.pxd
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cython-lint --max-line-length 100 ext/*.pyx ext/*.pxd
 
 fmt: build
 	$(PY) -m pip install -q ruff

@@ -27,15 +27,12 @@
 #define IPPROTO_TCP 6
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT 2
+#define EEXIST 17
 #define EINPROGRESS 115
 
 char LICENSE[] SEC("license") = "GPL";
 
-/* Set by the loader before load (own section, so it sits at offset 0 of its map). */
-struct netmon_config {
-	__u64 wakeup_bytes; /* wake the consumer once this many bytes wait; 0: every record */
-	__u64 scoped;       /* only tasks in the cgroup in scope[0] (and below it) */
-};
+/* struct netmon_config (netmon.h), in its own section: the skeleton names it rodata_cfg */
 const volatile struct netmon_config netmon_cfg SEC(".rodata.cfg") = { .wakeup_bytes = 65536 };
 
 /* the cgroup netmon watches when netmon_cfg.scoped (syscall backend; the cgroup backend
@@ -117,6 +114,37 @@ static __always_inline void count_drop(__u32 reason)
 		*v += 1; /* per-CPU slot; the program cannot migrate while it runs */
 }
 
+/* the fields every record made in a task's context shares; the rest is zeroed */
+static __always_inline void fill_event(struct netmon_event *e, __u8 kind, __u8 backend)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ts_ns = bpf_ktime_get_boot_ns();
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	e->pid = id >> 32;
+	e->tid = (__u32)id;
+	e->uid = (__u32)bpf_get_current_uid_gid();
+	e->kind = kind;
+	e->backend = backend;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+}
+
+/* bcc's bpf_map_lookup_or_try_init: key's entry, created from *init if absent; if another
+ * CPU creates it first, that entry. NULL only when the map is full. */
+static __always_inline void *lookup_or_try_init(void *map, const void *key, const void *init)
+{
+	void *val = bpf_map_lookup_elem(map, key);
+	long err;
+
+	if (val)
+		return val;
+	err = bpf_map_update_elem(map, key, init, BPF_NOEXIST);
+	if (err && err != -EEXIST)
+		return NULL;
+	return bpf_map_lookup_elem(map, key);
+}
+
 static __always_inline void submit(struct netmon_event *e)
 {
 	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= netmon_cfg.wakeup_bytes)
@@ -187,10 +215,8 @@ static __always_inline void socket_info(int fd, struct netmon_event *e)
 SEC("tracepoint/syscalls/sys_exit_connect")
 int netmon_connect_exit(struct trace_event_raw_sys_exit *ctx)
 {
-	__u64 id = bpf_get_current_pid_tgid();
 	struct pending *p = bpf_task_storage_get(&inflight, bpf_get_current_task_btf(), 0, 0);
 	struct netmon_event *e;
-	__u64 ts;
 
 	if (!p || !p->active) {
 		if (out_of_scope())
@@ -198,40 +224,18 @@ int netmon_connect_exit(struct trace_event_raw_sys_exit *ctx)
 		count_drop(NETMON_DROP_NO_ENTER);
 		return 0;
 	}
-	ts = bpf_ktime_get_boot_ns();
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	p->active = 0;
 	if (!e) {
 		count_drop(NETMON_DROP_RINGBUF_FULL);
 		return 0;
 	}
-	e->ts_ns = ts;
-	e->cgroup_id = bpf_get_current_cgroup_id();
-	e->pid = id >> 32;
-	e->tid = (__u32)id;
-	e->uid = (__u32)bpf_get_current_uid_gid();
+	fill_event(e, NETMON_KIND_CONNECT, NETMON_BACKEND_SYSCALL);
 	e->ret = ctx->ret;
-	e->sock_id = 0;
-	e->net_ns = 0;
-	e->latency_us = 0;
-	e->packets = 0;
-	e->port = 0;
-	e->sock_type = 0;
-	e->protocol = 0;
-	e->flags = 0;
-	e->kind = NETMON_KIND_CONNECT;
-	e->backend = NETMON_BACKEND_SYSCALL;
-	e->outcome = NETMON_OUTCOME_NONE;
-	e->addr_len = 0;
-	bpf_get_current_comm(e->comm, sizeof(e->comm));
-	__builtin_memset(e->addr, 0, sizeof(e->addr));
-
-	if (p->salen < 2) {
-		e->family = 0;
+	if (p->salen < 2)
 		e->flags = NETMON_F_NO_ADDR;
-	} else {
+	else
 		e->family = *(__u16 *)p->sa;
-	}
 	if (e->family == AF_INET && p->salen >= 8) {
 		e->port = bpf_ntohs(*(__u16 *)&p->sa[2]);
 		__builtin_memcpy(e->addr, &p->sa[4], 4);
@@ -315,22 +319,13 @@ static __always_inline struct netmon_event *hook_event(struct bpf_sock_addr *ctx
 {
 	struct bpf_sock_addr_kern *kctx = bpf_cast_to_kern_ctx(ctx);
 	struct netmon_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	__u64 id = bpf_get_current_pid_tgid();
 	struct sock *sk;
 
 	if (!e) {
 		count_drop(NETMON_DROP_RINGBUF_FULL);
 		return NULL;
 	}
-	__builtin_memset(e, 0, sizeof(*e));
-	e->ts_ns = bpf_ktime_get_boot_ns();
-	e->cgroup_id = bpf_get_current_cgroup_id();
-	e->pid = id >> 32;
-	e->tid = (__u32)id;
-	e->uid = (__u32)bpf_get_current_uid_gid();
-	bpf_get_current_comm(e->comm, sizeof(e->comm));
-	e->kind = NETMON_KIND_CONNECT;
-	e->backend = NETMON_BACKEND_CGROUP;
+	fill_event(e, NETMON_KIND_CONNECT, NETMON_BACKEND_CGROUP);
 	e->family = ctx->user_family;
 	e->sock_type = ctx->type;
 	e->protocol = ctx->protocol;
@@ -409,9 +404,8 @@ static __always_inline void udp_send(struct bpf_sock_addr *ctx, int v6)
 	struct bpf_sock_addr_kern *kctx = bpf_cast_to_kern_ctx(ctx);
 	struct netmon_udp_key k = {};
 	struct netmon_event *v;
-	__u64 id = bpf_get_current_pid_tgid();
 
-	k.pid = id >> 32;
+	k.pid = bpf_get_current_pid_tgid() >> 32;
 	k.family = ctx->user_family;
 	k.port = bpf_ntohs(ctx->user_port);
 	if (v6) {
@@ -423,39 +417,27 @@ static __always_inline void udp_send(struct bpf_sock_addr *ctx, int v6)
 		k.addr[0] = ctx->user_ip4;
 	}
 	v = bpf_map_lookup_elem(&udp_flows, &k);
-	if (v) {
-		__sync_fetch_and_add(&v->packets, 1);
-		return;
+	if (!v) { /* the first datagram of this window: build the entry (packets 0) */
+		struct netmon_event *init = bpf_map_lookup_elem(&scratch_event, &(__u32){0});
+
+		if (!init)
+			return;
+		fill_event(init, NETMON_KIND_UDP_SEND, NETMON_BACKEND_CGROUP);
+		init->family = k.family;
+		init->port = k.port;
+		init->sock_type = ctx->type;
+		init->protocol = ctx->protocol;
+		init->flags = NETMON_F_NO_RESULT;
+		init->net_ns = BPF_CORE_READ(kctx, sk, __sk_common.skc_net.net, ns.inum);
+		__builtin_memcpy(init->addr, k.addr, 16);
+		init->addr_len = v6 ? 16 : 4;
+		v = lookup_or_try_init(&udp_flows, &k, init);
+		if (!v) {
+			count_drop(NETMON_DROP_UDP_FLOWS_FULL);
+			return;
+		}
 	}
-	v = bpf_map_lookup_elem(&scratch_event, &(__u32){0});
-	if (!v)
-		return;
-	__builtin_memset(v, 0, sizeof(*v));
-	v->ts_ns = bpf_ktime_get_boot_ns();
-	v->cgroup_id = bpf_get_current_cgroup_id();
-	v->pid = k.pid;
-	v->tid = (__u32)id;
-	v->uid = (__u32)bpf_get_current_uid_gid();
-	bpf_get_current_comm(v->comm, sizeof(v->comm));
-	v->packets = 1;
-	v->kind = NETMON_KIND_UDP_SEND;
-	v->backend = NETMON_BACKEND_CGROUP;
-	v->family = k.family;
-	v->port = k.port;
-	v->sock_type = ctx->type;
-	v->protocol = ctx->protocol;
-	v->flags = NETMON_F_NO_RESULT;
-	v->net_ns = BPF_CORE_READ(kctx, sk, __sk_common.skc_net.net, ns.inum);
-	__builtin_memcpy(v->addr, k.addr, 16);
-	v->addr_len = v6 ? 16 : 4;
-	if (bpf_map_update_elem(&udp_flows, &k, v, BPF_NOEXIST) == 0)
-		return;
-	/* another CPU created it meanwhile, or the map is full */
-	v = bpf_map_lookup_elem(&udp_flows, &k);
-	if (v)
-		__sync_fetch_and_add(&v->packets, 1);
-	else
-		count_drop(NETMON_DROP_UDP_FLOWS_FULL);
+	__sync_fetch_and_add(&v->packets, 1);
 }
 
 SEC("cgroup/sendmsg4")

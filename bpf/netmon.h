@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
-/* The one record shared by the BPF programs (netmon.bpf.c) and the extension (ext/).
+/* The one record shared by the BPF programs (netmon.bpf.c) and the extension (ext/), and
+ * the configuration the loader writes before load.
  * No includes: the includer provides __u8..__u64 (<linux/types.h> on both sides).
  * Fixed-width fields, largest first, explicit padding; 128 bytes. */
 #ifndef NETMON_H
@@ -41,6 +42,13 @@ enum netmon_drop {
 	NETMON_DROP_OUTCOME = 3, /* a TCP outcome found the ring full (its event stays pending) */
 	NETMON_DROP_UDP_FLOWS_FULL = 4, /* a UDP send's (process, destination) found no room */
 	NETMON_DROP_MAX = 5,
+};
+
+/* Set by the loader, by field name through the generated skeleton, before load: the
+ * programs read it as `const volatile` rodata in its own section (.rodata.cfg). */
+struct netmon_config {
+	__u64 wakeup_bytes; /* wake the consumer once this many bytes wait; 0: every record */
+	__u64 scoped;       /* only tasks in the cgroup in scope[0] (and below it) */
 };
 
 /* key of the udp_flows map the consumer sweeps: one entry per (process, destination) */

@@ -21,7 +21,9 @@ uint64_t nm_boot_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
 }
 
-int nm_udp_sweep(int fd, struct nm_store *store, uint64_t min_age_ns)
+/* Move every udp_flows entry whose first datagram is at least min_age_ns old into the
+ * store as one udp_send event (packets = the count). Returns events made or -errno. */
+static int nm_udp_sweep(int fd, struct nm_store *store, uint64_t min_age_ns)
 {
 	struct netmon_udp_key *keys = malloc(4096 * sizeof(*keys)), *prev = NULL;
 	struct netmon_event ev;

@@ -18,10 +18,6 @@ struct nm_poll_state {
 	uint64_t udp_swept_ns;        /* when the last sweep ran */
 };
 
-/* Move every udp_flows entry whose first datagram is at least min_age_ns old into the
- * store as one udp_send event (packets = the count). Returns events made or -errno. */
-int nm_udp_sweep(int map_fd, struct nm_store *store, uint64_t min_age_ns);
-
 /* Drain `rb` until state->stop: wait up to timeout_ms for a wake-up, then consume
  * whatever waits (records are submitted without wake-ups, so poll alone would miss
  * them with libbpf 1.1). Returns 0 or the -errno that ended it. */

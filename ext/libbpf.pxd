@@ -13,35 +13,34 @@ cdef extern from "<bpf/libbpf.h>" nogil:
         pass
     struct ring_buffer:
         pass
-    struct bpf_object_open_opts:
-        pass
     struct ring_buffer_opts:
         pass
     ctypedef int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size) noexcept nogil
 
+    # what a generated skeleton (bpftool gen skeleton) hands libbpf: one entry a program,
+    # pointing at the skeleton's program and link slots
+    struct bpf_prog_skeleton:
+        bpf_program **prog
+        bpf_link **link
+    struct bpf_object_skeleton:
+        int prog_cnt
+        bpf_prog_skeleton *progs
+
     const char *libbpf_version_string()
     int libbpf_num_possible_cpus()
 
-    bpf_object *bpf_object__open_mem(const void *obj_buf, size_t obj_buf_sz,
-                                     const bpf_object_open_opts *opts)
-    int bpf_object__load(bpf_object *obj)
-    void bpf_object__close(bpf_object *obj)
-    bpf_map *bpf_object__find_map_by_name(const bpf_object *obj, const char *name)
-    bpf_program *bpf_object__next_program(const bpf_object *obj, bpf_program *prog)
-
     const char *bpf_program__name(const bpf_program *prog)
     int bpf_program__fd(const bpf_program *prog)
+    int bpf_program__type(const bpf_program *prog)
     bpf_link *bpf_program__attach(const bpf_program *prog)
     bpf_link *bpf_program__attach_cgroup(const bpf_program *prog, int cgroup_fd)
     int bpf_program__set_autoload(bpf_program *prog, bint autoload)
     int bpf_program__set_type(bpf_program *prog, int type)
     int bpf_program__set_expected_attach_type(bpf_program *prog, int type)
-    bpf_program *bpf_object__find_program_by_name(const bpf_object *obj, const char *name)
     int bpf_link__destroy(bpf_link *link)
 
     int bpf_map__fd(const bpf_map *map)
     int bpf_map__set_max_entries(bpf_map *map, uint32_t max_entries)
-    const void *bpf_map__initial_value(bpf_map *map, size_t *psize)
 
     ring_buffer *ring_buffer__new(int map_fd, ring_buffer_sample_fn sample_cb, void *ctx,
                                   const ring_buffer_opts *opts)
@@ -57,6 +56,8 @@ cdef extern from "<bpf/bpf.h>" nogil:
 
 
 cdef extern from "<linux/bpf.h>" nogil:
+    enum:
+        BPF_PROG_TYPE_CGROUP_SOCK_ADDR
     struct bpf_prog_info:
         uint32_t id
         uint64_t run_time_ns

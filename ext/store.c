@@ -2,7 +2,9 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include "store.h"
 
 /* Zeroed memory whose pages are touched (and counted in RSS) only as the ring fills, in
@@ -51,13 +53,22 @@ void nm_store_free(struct nm_store *s)
 	memset(s, 0, sizeof(*s));
 }
 
+/* the one hash mixer: a Fibonacci multiply with its high half folded down, so the top
+ * bits and the low bits alike depend on every bit a caller's keys vary in */
+static inline uint64_t mix(uint64_t x)
+{
+	x *= 0x9E3779B97F4A7C15ull;
+	return x ^ x >> 32;
+}
+
 static inline uint32_t comm_tag(const char *comm)
 {
 	uint64_t a, b;
 
+	_Static_assert(NETMON_COMM_LEN == 16, "comm_tag reads comm as two words");
 	memcpy(&a, comm, 8);
 	memcpy(&b, comm + 8, 8);
-	return (uint32_t)(((a * 0x9E3779B97F4A7C15ull) ^ b) * 0xC2B2AE3D27D4EB4Full >> 32) & ~0xffu;
+	return (uint32_t)(mix(mix(a) ^ b) >> 32) & ~0xffu;
 }
 
 static inline uint64_t held(const struct nm_store *s)
@@ -67,7 +78,7 @@ static inline uint64_t held(const struct nm_store *s)
 
 static inline uint64_t join_slot(uint64_t sock_id)
 {
-	return ((sock_id >> 4) * 0x9E3779B97F4A7C15ull >> 32) & (NM_JOIN_SLOTS - 1);
+	return mix(sock_id >> 4) & (NM_JOIN_SLOTS - 1);
 }
 
 static void apply_outcome(struct netmon_event *e, const struct netmon_event *o)
@@ -125,8 +136,8 @@ static void join_connect(struct nm_store *s, struct netmon_event *e, uint64_t se
 static void count_attempt(struct nm_store *s, const struct netmon_event *e)
 {
 	int32_t ret = e->flags & NETMON_F_NO_RESULT ? NM_RET_UNKNOWN : e->ret;
-	uint32_t key = ((uint32_t)e->family << 16 | e->protocol) ^ (uint32_t)ret * 40503u;
-	uint32_t h = key * 2654435761u >> 24; /* the product's top bits mix every key bit */
+	uint32_t h = mix((uint64_t)e->family << 48 | (uint64_t)e->protocol << 32 | (uint32_t)ret)
+		     >> 56;
 
 	for (unsigned i = 0; i < NM_ATTEMPT_PROBES; i++) {
 		struct nm_attempt *a = &s->attempts[(h + i) % NM_ATTEMPT_SLOTS];
@@ -181,7 +192,7 @@ int nm_store_push(struct nm_store *s, const void *data, size_t size)
 		s->head++;
 		if (e->kind == NETMON_KIND_CONNECT)
 			count_attempt(s, e);
-		if (e->sock_id && e->protocol == 6 /* IPPROTO_TCP */ && e->kind == NETMON_KIND_CONNECT)
+		if (e->sock_id && e->protocol == IPPROTO_TCP && e->kind == NETMON_KIND_CONNECT)
 			join_connect(s, e, s->head);
 	}
 	pthread_mutex_unlock(&s->lock);
@@ -194,17 +205,16 @@ static inline const struct netmon_event *at(const struct nm_store *s, uint64_t f
 	return &s->ring[(first_seq - 1 + i) % s->capacity];
 }
 
-void nm_store_counters(struct nm_store *s, uint64_t *head, uint64_t *size, uint64_t *evicted,
-		       uint64_t *malformed, uint64_t *unmatched, uint64_t *oldest_ts)
+struct nm_counters nm_store_counters(struct nm_store *s)
 {
+	struct nm_counters c;
+
 	pthread_mutex_lock(&s->lock);
-	*head = s->head;
-	*size = held(s);
-	*evicted = s->evicted;
-	*malformed = s->malformed;
-	*unmatched = s->unmatched;
-	*oldest_ts = *size ? at(s, s->head - *size + 1, 0)->ts_ns : 0;
+	c = (struct nm_counters){s->head, held(s), s->evicted, s->malformed, s->unmatched, 0};
+	if (c.size)
+		c.oldest_ts = at(s, s->head - c.size + 1, 0)->ts_ns;
 	pthread_mutex_unlock(&s->lock);
+	return c;
 }
 
 /* first logical index in [0, n) whose ts >= t; timestamps rise along the ring */
@@ -242,7 +252,9 @@ static void window(const struct nm_store *s, const struct nm_filter *f, uint64_t
 		*hi = *lo;
 }
 
-int nm_failed(const struct netmon_event *e)
+/* a failed attempt: the handshake failed, or (not a TCP handshake) the call returned an
+ * error; EINPROGRESS with the handshake pending or done is not a failure */
+static int nm_failed(const struct netmon_event *e)
 {
 	if (e->outcome == NETMON_OUTCOME_FAILED)
 		return 1;
@@ -257,7 +269,7 @@ static int dest_match(const struct nm_filter *f, const struct netmon_event *e)
 
 	if (e->family != f->dest_family)
 		return 0;
-	if (f->dest_family == 1 /* AF_UNIX: a path prefix */)
+	if (f->dest_family == AF_UNIX) /* a path prefix */
 		return e->addr_len >= f->dest_len && memcmp(e->addr, f->dest, f->dest_len) == 0;
 	if (memcmp(e->addr, f->dest, full) != 0)
 		return 0;
@@ -451,7 +463,7 @@ static struct pidcount *pidmap_get(struct pidmap *m, uint32_t pid)
 			return NULL;
 		for (uint64_t i = 0; i < m->cap; i++) {
 			if (m->v[i].used) {
-				uint64_t j = (m->v[i].pid * 2654435761u) & (g.cap - 1);
+				uint64_t j = mix(m->v[i].pid) & (g.cap - 1);
 
 				while (g.v[j].used)
 					j = (j + 1) & (g.cap - 1);
@@ -462,7 +474,7 @@ static struct pidcount *pidmap_get(struct pidmap *m, uint32_t pid)
 		free(m->v);
 		*m = g;
 	}
-	uint64_t j = (pid * 2654435761u) & (m->cap - 1);
+	uint64_t j = mix(pid) & (m->cap - 1);
 
 	while (m->v[j].used && m->v[j].pid != pid)
 		j = (j + 1) & (m->cap - 1);
@@ -553,12 +565,20 @@ struct group {
 	uint64_t slot, ts; /* the group's newest record */
 };
 
-static uint64_t fnv1a(const uint8_t *p, size_t n)
+/* a group key's hash, a word at a time; never 0 (the empty slot) */
+static uint64_t key_hash(const uint8_t *p, size_t n)
 {
-	uint64_t h = 0xcbf29ce484222325ull;
+	uint64_t h = n, w;
 
-	while (n--)
-		h = (h ^ *p++) * 0x100000001b3ull;
+	for (; n >= 8; p += 8, n -= 8) {
+		memcpy(&w, p, 8);
+		h = mix(h ^ w);
+	}
+	if (n) {
+		w = 0;
+		memcpy(&w, p, n);
+		h = mix(h ^ w);
+	}
 	return h | 1;
 }
 
@@ -614,7 +634,7 @@ int nm_store_top(struct nm_store *s, const struct nm_filter *f, int by, uint64_t
 		if ((used + 1) * 2 > cap && (err = grow(&g, &cap)))
 			goto out;
 		klen = group_key(by, e, key);
-		h = fnv1a(key, klen);
+		h = key_hash(key, klen);
 		for (j = h & (cap - 1); g[j].hash; j = (j + 1) & (cap - 1)) {
 			if (g[j].hash == h && group_key(by, &s->ring[g[j].slot], other) == klen &&
 			    memcmp(key, other, klen) == 0)

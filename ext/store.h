@@ -98,8 +98,15 @@ int nm_store_init(struct nm_store *s, uint64_t capacity);
 void nm_store_free(struct nm_store *s);
 /* the ring-buffer callback's whole job; also the test entry point */
 int nm_store_push(struct nm_store *s, const void *data, size_t size);
-void nm_store_counters(struct nm_store *s, uint64_t *head, uint64_t *size, uint64_t *evicted,
-		       uint64_t *malformed, uint64_t *unmatched, uint64_t *oldest_ts);
+/* a consistent snapshot of the store's counters */
+struct nm_counters {
+	uint64_t head;      /* sequence number of the newest record; 0 = none yet */
+	uint64_t size;      /* records held */
+	uint64_t evicted, malformed, unmatched; /* as in struct nm_store */
+	uint64_t oldest_ts; /* ts_ns of the oldest record held; 0 if none */
+};
+
+struct nm_counters nm_store_counters(struct nm_store *s);
 /* Copies the attempt counters in use to out (NM_ATTEMPT_SLOTS entries); returns how many;
  * *other = attempts counted in no slot. */
 uint64_t nm_store_attempts(struct nm_store *s, struct nm_attempt *out, uint64_t *other);
@@ -120,9 +127,5 @@ int nm_store_latest_per_pid(struct nm_store *s, const struct nm_filter *f, uint6
  * groups, *matched = all matching records. */
 int nm_store_top(struct nm_store *s, const struct nm_filter *f, int by, uint64_t limit,
 		 struct nm_top **out, uint64_t *n, uint64_t *groups, uint64_t *matched);
-
-/* a failed attempt: the handshake failed, or (not a TCP handshake) the call returned an
- * error; EINPROGRESS with the handshake pending or done is not a failure */
-int nm_failed(const struct netmon_event *e);
 
 #endif

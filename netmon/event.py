@@ -7,11 +7,21 @@ import socket as _socket
 import time
 from typing import NamedTuple, Optional
 
+from ._core import (
+    NETMON_BACKEND_CGROUP,
+    NETMON_BACKEND_SYSCALL,
+    NETMON_F_NO_RESULT,
+    NETMON_F_TRUNCATED,
+    NETMON_KIND_CONNECT,
+    NETMON_KIND_UDP_SEND,
+    NETMON_OUTCOME_ESTABLISHED,
+    NETMON_OUTCOME_FAILED,
+    NETMON_OUTCOME_PENDING,
+)
+
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
-NETMON_F_TRUNCATED, NETMON_F_NO_RESULT = 0x1, 0x4  # bpf/netmon.h
-KINDS = {1: "connect", 2: "udp_send"}
-BACKENDS = {1: "syscall", 2: "cgroup"}
-OUTCOME_PENDING, OUTCOME_ESTABLISHED, OUTCOME_FAILED = 1, 2, 3
+KINDS = {NETMON_KIND_CONNECT: "connect", NETMON_KIND_UDP_SEND: "udp_send"}
+BACKENDS = {NETMON_BACKEND_SYSCALL: "syscall", NETMON_BACKEND_CGROUP: "cgroup"}
 # why a handshake failed, by -ret
 FAILURES = {111: "refused", 110: "timeout", 104: "reset", 113: "unreachable",
             101: "unreachable"}
@@ -70,11 +80,11 @@ def _unix_path(addr: bytes, flags: int):
 
 
 def _outcome(code: int, ret: int, flags: int, protocol: Optional[str]) -> Optional[str]:
-    if code == OUTCOME_ESTABLISHED:
+    if code == NETMON_OUTCOME_ESTABLISHED:
         return "established"
-    if code == OUTCOME_PENDING:
+    if code == NETMON_OUTCOME_PENDING:
         return "pending"
-    if code == OUTCOME_FAILED:
+    if code == NETMON_OUTCOME_FAILED:
         return FAILURES.get(-ret, "failed")
     return "unknown" if flags & NETMON_F_NO_RESULT else None
 
@@ -113,6 +123,7 @@ class Event(NamedTuple):
         ip = dest = None
         out_port = None
         truncated = False
+        udp = kind == NETMON_KIND_UDP_SEND
         if family == AF_INET and len(addr) == 4:
             ip = _socket.inet_ntop(_socket.AF_INET, addr)
             dest, out_port = f"{ip}:{port}", port
@@ -138,8 +149,8 @@ class Event(NamedTuple):
                    if ret < 0 and not flags & NETMON_F_NO_RESULT else None),
             truncated=truncated, ts_ns=ts_ns, kind=KINDS.get(kind, str(kind)),
             backend=BACKENDS.get(backend, str(backend)), net_ns=net_ns or None,
-            outcome=_outcome(outcome, ret, flags, protocol) if kind != 2 else None,
-            latency_us=latency_us or None, packets=packets if kind == 2 else None)
+            outcome=None if udp else _outcome(outcome, ret, flags, protocol),
+            latency_us=latency_us or None, packets=packets if udp else None)
 
     @property
     def service(self) -> Optional[str]:

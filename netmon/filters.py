@@ -143,8 +143,9 @@ def _store_args(*, pid=None, command=None, kind="connect", family=None, protocol
             raw = command.encode() if isinstance(command, str) else b""
         except UnicodeEncodeError:  # a lone surrogate
             raw = b""
-        if not raw or len(raw) > 15:
-            raise FilterError("command", "must be a non-empty string of at most 15 bytes")
+        if not raw or len(raw) >= _core.COMM_LEN:
+            raise FilterError("command", "must be a non-empty string of at most "
+                                         f"{_core.COMM_LEN - 1} bytes")
         q["comm"] = command
     if kind is not None and kind != "all":
         q["kind"] = _named("kind", kind, KIND_NUMBERS, 255)

@@ -8,24 +8,42 @@ import struct
 from typing import Optional
 
 from . import _core
+from ._core import (
+    NETMON_BACKEND_SYSCALL,
+    NETMON_F_TRUNCATED,
+    NETMON_KIND_CONNECT,
+    NETMON_OUTCOME_NONE,
+)
 from .monitor import Monitor
 
-# bpf/netmon.h, struct netmon_event (the extension checks RECORD_SIZE)
-RECORD = struct.Struct("<QQQIIIiIIIHHHBBBBBB16s48s")
+
+def _layout():
+    """struct netmon_event as the extension was compiled with it: a Struct packing its
+    fields in offset order (padding between them zero), and the field names."""
+    fmt = "<"
+    for offset, code in _core.RECORD_FIELDS.values():
+        fmt += "x" * (offset - struct.calcsize(fmt)) + code
+    fmt += "x" * (_core.RECORD_SIZE - struct.calcsize(fmt))
+    return struct.Struct(fmt), tuple(_core.RECORD_FIELDS)
+
+
+RECORD, FIELDS = _layout()
 assert RECORD.size == _core.RECORD_SIZE
 
 
 def record(*, pid: int = 1000, tid: Optional[int] = None, uid: int = 0, comm: str = "test",
            ip: Optional[str] = "127.0.0.1", port: int = 80, path: Optional[str] = None,
-           family: Optional[int] = None, sock_type: int = 1, protocol: Optional[int] = None,
-           ret: int = 0, cgroup_id: int = 1, ts_ns: Optional[int] = None, age: float = 0.0,
-           flags: int = 0, kind: int = 1, backend: int = 1, outcome: int = 0,
-           sock_id: int = 0, net_ns: int = 4026531840, latency_us: int = 0,
-           packets: int = 0) -> bytes:
+           family: Optional[int] = None, sock_type: int = socket.SOCK_STREAM,
+           protocol: Optional[int] = None, ret: int = 0, cgroup_id: int = 1,
+           ts_ns: Optional[int] = None, age: float = 0.0, flags: int = 0,
+           kind: int = NETMON_KIND_CONNECT, backend: int = NETMON_BACKEND_SYSCALL,
+           outcome: int = NETMON_OUTCOME_NONE, sock_id: int = 0, net_ns: int = 4026531840,
+           latency_us: int = 0, packets: int = 0) -> bytes:
     """One raw record. Defaults: a successful TCP connect to 127.0.0.1:80 just now.
     path= makes it AF_UNIX ('@name' for abstract); ip with ':' makes it AF_INET6;
-    age= is seconds before now (ignored when ts_ns is given). kind 3 with sock_id makes a
-    TCP outcome record (outcome 2 established, 3 failed with ret)."""
+    age= is seconds before now (ignored when ts_ns is given). kind NETMON_KIND_TCP_OUTCOME
+    with sock_id makes a TCP outcome record (outcome NETMON_OUTCOME_ESTABLISHED, or
+    NETMON_OUTCOME_FAILED with ret)."""
     if ts_ns is None:
         ts_ns = _core.boot_ns() - int(age * 1e9)
     if path is not None:
@@ -33,19 +51,24 @@ def record(*, pid: int = 1000, tid: Optional[int] = None, uid: int = 0, comm: st
         raw = b"\0" + path[1:].encode() if path.startswith("@") else path.encode()
         addr, port, proto = raw[:_core.ADDR_LEN], 0, 0
         if len(raw) > _core.ADDR_LEN:
-            flags |= 0x1
+            flags |= NETMON_F_TRUNCATED
     elif ip is not None and ":" in ip:
-        fam, addr, proto = socket.AF_INET6, socket.inet_pton(socket.AF_INET6, ip), 6
+        fam, addr = socket.AF_INET6, socket.inet_pton(socket.AF_INET6, ip)
+        proto = socket.IPPROTO_TCP
     elif ip is not None:
-        fam, addr, proto = socket.AF_INET, socket.inet_aton(ip), 6
+        fam, addr, proto = socket.AF_INET, socket.inet_aton(ip), socket.IPPROTO_TCP
     else:
         fam, addr, proto = 0, b"", 0
-    if sock_type == 2 and proto == 6:
-        proto = 17
-    return RECORD.pack(ts_ns, cgroup_id, sock_id, pid, pid if tid is None else tid, uid, ret,
-                       net_ns, latency_us, packets, fam if family is None else family, port,
-                       proto if protocol is None else protocol, sock_type, flags, kind,
-                       backend, outcome, len(addr), comm.encode()[:15], addr)
+    if sock_type == socket.SOCK_DGRAM and proto == socket.IPPROTO_TCP:
+        proto = socket.IPPROTO_UDP
+    fields = dict(
+        ts_ns=ts_ns, cgroup_id=cgroup_id, sock_id=sock_id, pid=pid,
+        tid=pid if tid is None else tid, uid=uid, ret=ret, net_ns=net_ns,
+        latency_us=latency_us, packets=packets, family=fam if family is None else family,
+        port=port, protocol=proto if protocol is None else protocol, sock_type=sock_type,
+        flags=flags, kind=kind, backend=backend, outcome=outcome, addr_len=len(addr),
+        comm=comm.encode()[:_core.COMM_LEN - 1], addr=addr)
+    return RECORD.pack(*(fields[name] for name in FIELDS))
 
 
 def synthetic_monitor(capacity: int = 4096) -> Monitor:

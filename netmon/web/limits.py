@@ -6,6 +6,8 @@ import json
 
 import bottle
 
+from .. import _core
+
 MAX_BODY_BYTES = 16 * 1024
 MAX_STREAMS = 32  # concurrent /api/events/stream clients; the server adds a thread for each
 MAX_DURATION = 3600
@@ -13,7 +15,7 @@ MAX_LIMIT = 1000
 MAX_EVENTS_LIMIT = 10000
 DEFAULT_LIMIT = 100
 MAX_PID = 2**32 - 1
-COMM_BYTES = 15  # TASK_COMM_LEN - 1
+COMM_BYTES = _core.COMM_LEN - 1  # the NUL-terminated comm of the record
 
 
 def error_body(status: int, message: str) -> str:
