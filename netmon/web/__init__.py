@@ -2,7 +2,7 @@
 monitor; server.Server runs it on cheroot, behind guard.Guard (token, Host, CORS).
 
 app.py builds the app from RESOURCES, one module per resource (index, connections,
-events, top, stats, metrics, openapi), each with a routes(app) that registers its routes.
+events, top, stats, metrics, openapi, page), each with a routes(app) that registers its routes.
 To add a resource, write one such module and list it in app.RESOURCES. Shared pieces:
 base.App (the monitor, JSON errors), params (parameters, filters), limits (error bodies).
 """

@@ -5,11 +5,11 @@ import threading
 from typing import Callable, Optional
 
 from ..monitor import Monitor
-from . import connections, events, index, metrics, openapi, stats, top
+from . import connections, events, index, metrics, openapi, page, stats, top
 from .base import App
 
-# in the order GET / lists them
-RESOURCES = (index, connections, events, top, stats, metrics, openapi)
+# in the order GET / lists them (the page's files are not listed)
+RESOURCES = (index, connections, events, top, stats, metrics, openapi, page)
 
 
 def make_app(monitor: Monitor, server_stats: Optional[Callable[[], dict]] = None,

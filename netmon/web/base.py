@@ -54,6 +54,10 @@ class App(bottle.Bottle):
         self.install(_log_faults)
         self.add_hook("after_request", _log_request)
 
+    def api_routes(self) -> list:
+        """The API's routes: all but the page's files (registered with page=True)."""
+        return [r for r in self.routes if not r.config.get("page")]
+
     def default_error_handler(self, res: bottle.HTTPError) -> str:
         message = res.body
         if res.status_code == 404:

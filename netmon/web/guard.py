@@ -1,7 +1,8 @@
 """Who may read netmon: a WSGI layer in front of the app.
 
-- A bearer token, when configured, guards every path but /health (compared in constant
-  time; failures answer 401 with WWW-Authenticate and are counted).
+- A bearer token, when configured, guards every path but /health and the live page's
+  files (compared in constant time; failures answer 401 with WWW-Authenticate and are
+  counted).
 - On a loopback bind, requests whose Host is not a loopback name or address are refused
   (403): a web page cannot reach netmon through DNS rebinding.
 - CORS headers only for origins listed explicitly.
@@ -16,6 +17,7 @@ import threading
 from typing import Iterable, Optional
 
 from .limits import error_body
+from .page import is_public
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
 OPEN_PATHS = {"/health"}  # liveness probes need no token
@@ -103,7 +105,8 @@ class Guard:
                 ("Access-Control-Allow-Headers", "Authorization, Content-Type, Last-Event-ID"),
                 ("Access-Control-Max-Age", "600")])
             return [b""]
-        if self._token is not None and environ.get("PATH_INFO") not in OPEN_PATHS:
+        if self._token is not None and environ.get("PATH_INFO") not in OPEN_PATHS \
+                and not is_public(environ):  # the page asks for the token itself
             scheme, _, given = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                     given.strip().encode(), self._token):

@@ -1,10 +1,11 @@
-"""GET / (the endpoints, each with the first line of its handler's docstring) and
-GET /health (liveness)."""
+"""GET / (the endpoints, each with the first line of its handler's docstring; the live
+page for a browser) and GET /health (liveness)."""
 from __future__ import annotations
 
 import bottle
 
 from .. import __version__
+from . import page
 from .base import App
 
 
@@ -14,12 +15,15 @@ def routes(app: App) -> None:
     @app.get("/")
     def index():
         """This list of endpoints."""
+        bottle.response.set_header("Vary", "Accept")
+        if page.prefers_html(bottle.request.get_header("Accept", "")):  # a browser
+            return page.answer(page.INDEX)
         return {
             "service": "netmon",
             "version": __version__,
             "description": "Watches every connect() on this host with eBPF",
             "endpoints": {f"{r.method} {r.rule}": r.callback.__doc__.strip().splitlines()[0]
-                          for r in app.routes},
+                          for r in app.api_routes()},
         }
 
     @app.get("/health")

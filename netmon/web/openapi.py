@@ -141,10 +141,14 @@ SPEC = {
     },
     "paths": {
         "/": {"get": {"summary": "The endpoints", "operationId": "index", "responses": {
-            "200": _json(_obj(("service", "version", "endpoints"), service=STR, version=STR,
-                              description=STR, endpoints={"type": "object",
-                                                          "additionalProperties": STR}),
-                         "service name, version and one line per endpoint")}}},
+            "200": {"description": "service name, version and one line per endpoint; the "
+                                   "live page when Accept ranks text/html above JSON",
+                    "content": {
+                        "application/json": {"schema": _obj(
+                            ("service", "version", "endpoints"), service=STR, version=STR,
+                            description=STR, endpoints={"type": "object",
+                                                        "additionalProperties": STR})},
+                        "text/html": {"schema": STR}}}}}},
         "/health": {"get": {"summary": "Liveness", "operationId": "health", "responses": {
             "200": _json(_ref("Health"), "capturing"),
             "503": _json(_ref("Health"), "not capturing; reason says why")}}},
