@@ -1,6 +1,7 @@
 """Fixtures shared by the test modules (plain helpers are in helpers.py), and the policy:
 kernel tests (marker `bpf`) need root. Without root they skip, unless NETMON_REQUIRE_BPF
 is set (CI sets it): then they fail, so nothing is silently left untested."""
+import contextlib
 import os
 import socket
 import tempfile
@@ -39,13 +40,26 @@ class Cgroup(str):
             f.write(str(os.getpid()))
 
 
-@pytest.fixture
-def cgroup():
+@contextlib.contextmanager
+def new_cgroup():
     from netmon.host import cgroup2_root
     path = Cgroup(os.path.join(cgroup2_root(), f"netmon-test-{uuid.uuid4().hex[:8]}"))
     os.mkdir(path)
     yield path
     os.rmdir(path)  # empty again: every process the test put there has exited
+
+
+@pytest.fixture
+def cgroup():
+    with new_cgroup() as path:
+        yield path
+
+
+@pytest.fixture(scope="module")
+def module_cgroup():
+    """A cgroup shared by a module's tests, like `cgroup`."""
+    with new_cgroup() as path:
+        yield path
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ function eventRow(ev, columns) {
     result: resultText(ev), latency: latency(ev.latency_us),
   };
   const row = el("tr", { class: resultClass(ev), "data-seq": ev.seq },
-    ...columns.map((c) => el("td", { class: c }, cells[c])));
+    ...columns.map((c) => el("td", { class: c, title: cells[c] }, cells[c])));
   eventOf.set(row, ev);
   return row;
 }
@@ -185,8 +185,8 @@ function destFilter(destination) {
 
 function topRow(by, entry) {
   const key = TOP_KEY[by](entry);
-  const row = el("tr", { title: "show these in the live tail" },
-    el("td", { class: "key" }, key), el("td", { class: "num" }, entry.count),
+  const row = el("tr", {},
+    el("td", { class: "key", title: key }, key), el("td", { class: "num" }, entry.count),
     el("td", { class: entry.failed ? "num fail" : "num" }, entry.failed));
   const value = by === "destination" ? entry.destination && destFilter(entry.destination)
     : by === "error" ? entry.error : entry.command;
@@ -206,6 +206,7 @@ async function refreshTops() {
     const failures = errors.events.filter(failed).reverse().slice(0, ERROR_ROWS);
     fill($("error-table").tBodies[0],
       ...failures.map((ev) => eventRow(ev, ["time", "command", "destination", "result"])));
+    $("tops").dataset.loaded = new Date().toISOString();
   } catch (e) {
     report(e);
   }

@@ -14,11 +14,12 @@ export function failed(ev) {
   return ev.return_code != null && ev.error != null;
 }
 
-// "ok", "ECONNREFUSED", "EINPROGRESS (established)", "unknown"
+// what connect() returned, then what the handshake did when that was not the end of it:
+// "ok", "ENOENT", "EINPROGRESS → established", "ECONNREFUSED → refused", "unknown"
 export function resultText(ev) {
   if (ev.return_code == null) return ev.outcome || "unknown";
   if (ev.error == null) return "ok";
-  return ev.outcome ? `${ev.error} (${ev.outcome})` : ev.error;
+  return ev.outcome ? `${ev.error} → ${ev.outcome}` : ev.error;
 }
 
 // the row class: failed, in-progress (an error code that is not a failure), or ok
