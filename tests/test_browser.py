@@ -19,7 +19,7 @@ pytestmark = pytest.mark.bpf
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--window-size=1400,1000")
+         "--window-size=1400,1100")
 # run in every page before its own scripts (CDP scripts are not subject to the page's CSP):
 # records CSP violations and uncaught errors where the test can read them
 WATCH = """
