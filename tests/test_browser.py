@@ -207,6 +207,17 @@ def test_a_filter_narrows_the_tail(driver, server, connect):
     assert driver.find_element("id", "filter-error").text.startswith("dest: must be")
 
 
+def test_pause_holds_the_tail_and_resume_catches_up(driver, server, connect):
+    open_page(driver, server)
+    driver.find_element("id", "pause").click()
+    comm = "nm-paused-" + secrets.token_hex(2)
+    connect(comm)
+    time.sleep(1)
+    assert comm not in texts(driver, "#tail-table td.command")
+    driver.find_element("id", "pause").click()
+    wait_for_text(driver, LIVE_S, "#tail-table td.command", comm)
+
+
 def test_the_chart_draws_successes_and_failures(driver, server, connect):
     open_page(driver, server)
     connect("nm-chart", ok=4, refused=2)
