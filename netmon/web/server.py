@@ -1,8 +1,9 @@
 """The HTTP server: a cheroot WSGI server that netmon owns, binds first and stops cleanly.
 
-Bounded: a fixed worker pool and accept queue, socket timeouts, and limits on header and
-body size. cheroot answers some errors itself, before the app runs (oversize headers,
-malformed requests, a full queue); those answers are JSON too.
+Bounded: a fixed worker pool and accept queue, requests read whole before a worker takes
+them and within a deadline, connections capped per client and in all, limits on header
+and body size (intake.py). cheroot answers some errors itself, before the app runs
+(oversize headers, malformed requests, a full queue); those answers are JSON too.
 """
 from __future__ import annotations
 
@@ -15,14 +16,11 @@ import threading
 import time
 from typing import Optional, Tuple
 
-import bottle
-from cheroot import connections as cheroot_connections
-from cheroot import errors as cheroot_errors
-from cheroot import server as cheroot_server
 from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 
-from .limits import MAX_BODY_BYTES, MAX_STREAMS, error_body
+from . import intake
+from .limits import MAX_BODY_BYTES, MAX_STREAMS
 
 log = logging.getLogger("netmon.server")
 
@@ -31,7 +29,7 @@ ACCEPT_QUEUE = 64  # connections waiting for a worker; past this cheroot answers
 LISTEN_BACKLOG = 128
 SOCKET_TIMEOUT = 10  # seconds a client may stall mid-request
 SHUTDOWN_TIMEOUT = 3  # seconds in-flight requests get to finish on shutdown
-MAX_HEADER_BYTES = 16 * 1024
+STREAM_GRACE = 0.2  # seconds event streams get to end by themselves on shutdown
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -39,47 +37,21 @@ class ServerError(RuntimeError):
     """The server cannot listen; the message names the cause and the fix."""
 
 
-class _JSONErrorRequest(cheroot_server.HTTPRequest):
-    def simple_response(self, status, msg=""):
-        """cheroot's own error answers, as JSON (it writes text/plain)."""
-        code = int(str(status)[:3])
-        body = error_body(code, msg or bottle.HTTP_CODES.get(code, "")).encode()
-        head = [f"{self.server.protocol} {code} {bottle.HTTP_CODES.get(code, 'Error')}",
-                "Content-Type: application/json", f"Content-Length: {len(body)}"]
-        if code in (413, 414):  # the rest of the request was not read
-            self.close_connection = True
-            head.append("Connection: close")
-        try:
-            self.conn.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
-        except OSError as e:
-            if e.args[0] not in cheroot_errors.socket_errors_to_ignore:
-                raise
-
-
-class _Connection(cheroot_server.HTTPConnection):
-    RequestHandlerClass = _JSONErrorRequest
-
-
-class _IdleAwareConnections(cheroot_connections.ConnectionManager):
-    """cheroot hands a new connection to a worker at once, so a client that connects and
-    sends nothing holds a worker until the socket timeout: a few hundred idle
-    connections starve everyone. Park new connections in the selector instead, like
-    kept-alive ones, until they send something (and expire them like those)."""
-
-    def _from_server_socket(self, server_socket):
-        conn = super()._from_server_socket(server_socket)
-        if conn is not None:
-            self.put(conn)
-        return None
-
-
 class _WSGIServer(wsgi.Server):
-    ConnectionClass = _Connection
-    max_request_header_size = MAX_HEADER_BYTES
+    ConnectionClass = intake.Connection
+    max_request_header_size = intake.MAX_HEADER_BYTES
     max_request_body_size = MAX_BODY_BYTES  # a backstop: the app answers 413 itself
-    # the connection loop's select timeout: how long stop() waits for it (cheroot: 0.5 s)
+    # the connection loop's select timeout: how often it expires slow connections and how
+    # long stop() waits for it (cheroot: 0.5 s)
     expiration_interval = 0.1
     bind_error: Optional[OSError] = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.streams: set = set()  # connections answering with an event stream
+        self._admission = intake.Admission()
+        self.admit = self._admission.admit
+        self.connections_closed = self._admission.connections_closed
 
     def bind(self, family, type, proto=0):
         try:
@@ -96,11 +68,29 @@ class _WSGIServer(wsgi.Server):
             super().prepare()
         finally:
             self.requests.start = start
-        self._connections.__class__ = _IdleAwareConnections
+        self._connections.__class__ = intake.Connections
+        self.requests._force_close = intake.force_close
 
     def serve(self):
         self.requests.start()
         super().serve()
+
+    def process_conn(self, conn):
+        """conn is readable (the loop calls this): read on, hand it on once complete."""
+        self._connections.examine(conn)
+
+    def dispatch(self, conn):
+        """A whole request is buffered: to a worker (or a 503 when the queue is full)."""
+        super().process_conn(conn)
+
+    def end_streams(self, grace: float) -> None:
+        """Event streams end once `shutdown` is set, unless their worker is blocked
+        writing to a client that stopped reading: after `grace` seconds, cut those."""
+        deadline = time.monotonic() + grace
+        while self.streams and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for conn in list(self.streams):
+            intake.force_close(conn)
 
     def error_log(self, msg="", level=logging.INFO, traceback=False):
         log.log(level, "%s", msg, exc_info=traceback)
@@ -175,6 +165,8 @@ class Server:
 
     def stop(self) -> None:
         self.shutdown.set()
+        if self._thread is not None:
+            self._httpd.end_streams(STREAM_GRACE)
         self._httpd.stop()
         if self._thread is not None:
             self._thread.join()
