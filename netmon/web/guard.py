@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
+import re
 import stat
 import threading
 from typing import Iterable, Optional
@@ -54,10 +55,14 @@ def read_token(path: str) -> str:
     return token
 
 
+_HOST = re.compile(r"\[([0-9A-Fa-f:.]+)\](?::[0-9]{1,5})?|([A-Za-z0-9.-]+)(?::[0-9]{1,5})?")
+
+
 def _host_of(header: str) -> str:
-    if header.startswith("["):
-        return header[1:].split("]", 1)[0]
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+    """The name or address in a Host header; "" unless it is exactly a name, an IPv4
+    address or a bracketed IPv6 one, and a port (no zone, no user part, nothing else)."""
+    m = _HOST.fullmatch(header)
+    return (m.group(1) or m.group(2)) if m else ""
 
 
 class Guard:

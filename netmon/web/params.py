@@ -73,7 +73,7 @@ def _json_object() -> dict:
     raw = bottle.request.body.read()
     try:
         body = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
-    except ValueError:  # includes bad UTF-8 and duplicate keys
+    except (ValueError, RecursionError):  # bad UTF-8, duplicate keys, 8000 nested [
         raise bad_request(JSON_MSG) from None
     if not isinstance(body, dict):
         raise bad_request(JSON_MSG)
