@@ -74,7 +74,8 @@ cdef extern from "store.h" nogil:
     int nm_store_query(nm_store *s, const nm_filter *f, uint64_t limit, int newest,
                        nm_hit **out, uint64_t *n, uint64_t *matched)
     int nm_store_latest_per_pid(nm_store *s, const nm_filter *f, uint64_t per_pid,
-                                nm_hit **out, uint64_t *n, uint64_t *pids, int *truncated)
+                                uint64_t max_total, nm_hit **out, uint64_t *n, uint64_t *pids,
+                                int *truncated)
     int nm_store_top(nm_store *s, const nm_filter *f, int by, uint64_t limit, nm_top **out,
                      uint64_t *n, uint64_t *groups, uint64_t *matched)
 
@@ -357,15 +358,17 @@ cdef class Store:
             nm_store_query(&self.s, &f, 0, 1, NULL, NULL, &matched)
         return matched
 
-    def latest_per_pid(self, uint64_t per_pid, **q):
-        """(rows, pids, truncated): each pid's newest `per_pid` rows, in sequence order."""
+    def latest_per_pid(self, uint64_t per_pid, uint64_t max_total=0, **q):
+        """(rows, pids, truncated): each pid's newest `per_pid` rows, in sequence order,
+        at most `max_total` in all (the newest; 0: no such bound)."""
         cdef nm_filter f
         cdef nm_hit *hits = NULL
         cdef uint64_t n = 0, pids = 0
         cdef int truncated = 0, err
         self._filter(&f, q)
         with nogil:
-            err = nm_store_latest_per_pid(&self.s, &f, per_pid, &hits, &n, &pids, &truncated)
+            err = nm_store_latest_per_pid(&self.s, &f, per_pid, max_total, &hits, &n, &pids,
+                                          &truncated)
         if err:
             raise MemoryError()
         try:

@@ -487,7 +487,8 @@ static struct pidcount *pidmap_get(struct pidmap *m, uint32_t pid)
 }
 
 int nm_store_latest_per_pid(struct nm_store *s, const struct nm_filter *f, uint64_t per_pid,
-			    struct nm_hit **out, uint64_t *n, uint64_t *pids, int *truncated)
+			    uint64_t max_total, struct nm_hit **out, uint64_t *n,
+			    uint64_t *pids, int *truncated)
 {
 	struct hits h = {0};
 	struct pidmap m = {0};
@@ -505,6 +506,10 @@ int nm_store_latest_per_pid(struct nm_store *s, const struct nm_filter *f, uint6
 
 		if (!e)
 			continue;
+		if (max_total && h.n >= max_total) { /* the answer is full */
+			*truncated = 1;
+			break;
+		}
 		if (!(c = pidmap_get(&m, e->pid))) {
 			err = -ENOMEM;
 			break;

@@ -118,10 +118,12 @@ uint64_t nm_store_attempts(struct nm_store *s, struct nm_attempt *out, uint64_t 
 int nm_store_query(struct nm_store *s, const struct nm_filter *f, uint64_t limit, int newest,
 		   struct nm_hit **out, uint64_t *n, uint64_t *matched);
 
-/* For each pid matching f, its newest per_pid records; array in sequence order.
- * *pids = distinct pids matched, *truncated = some pid had more than per_pid. */
+/* For each pid matching f, its newest per_pid records, and no more than max_total
+ * records in all (the newest; 0 = no such bound); array in sequence order. *pids =
+ * distinct pids seen, *truncated = some matching record was left out. */
 int nm_store_latest_per_pid(struct nm_store *s, const struct nm_filter *f, uint64_t per_pid,
-			    struct nm_hit **out, uint64_t *n, uint64_t *pids, int *truncated);
+			    uint64_t max_total, struct nm_hit **out, uint64_t *n,
+			    uint64_t *pids, int *truncated);
 
 /* The `limit` largest groups of matching records by `by`, largest first; *groups = all
  * groups, *matched = all matching records. */

@@ -259,9 +259,12 @@ class Monitor:
         return self._store.count(**_compiled(where, filters))
 
     def latest_per_pid(self, limit: int = 100, where: Optional[Filter] = None,
-                       **filters) -> Tuple[dict, bool]:
-        """({pid: [its newest `limit` events, oldest first]}, truncated)."""
-        rows, _, truncated = self._store.latest_per_pid(limit, **_compiled(where, filters))
+                       max_total: Optional[int] = None, **filters) -> Tuple[dict, bool]:
+        """({pid: [its newest `limit` events, oldest first]}, truncated): no more than
+        `max_total` events in all (the newest) when given. truncated: some matching event
+        was left out."""
+        rows, _, truncated = self._store.latest_per_pid(limit, max_total or 0,
+                                                        **_compiled(where, filters))
         out: dict = {}
         for ev in self._events(rows):
             out.setdefault(ev.pid, []).append(ev)

@@ -6,7 +6,7 @@ import datetime as _dt
 
 from ..filters import int_in
 from .base import App
-from .limits import COMM_BYTES, DEFAULT_LIMIT, MAX_DURATION, MAX_LIMIT, MAX_PID
+from .limits import COMM_BYTES, DEFAULT_LIMIT, MAX_ANSWER_EVENTS, MAX_DURATION, MAX_LIMIT, MAX_PID
 from .params import bad_request, request_params
 
 DURATION_MSG = f"duration must be between 1 and {MAX_DURATION} seconds"
@@ -54,13 +54,16 @@ def routes(app: App) -> None:
     @app.route("/api/list-connections", method=["GET", "POST"])
     def list_connections():
         """Each process's most recent `limit` connect() attempts (optionally one pid's)."""
+        # an answer's memory is bounded: at most MAX_ANSWER_EVENTS, the newest, and
+        # truncated says so
         params = request_params()
         pid, limit = params.get("pid"), params.get("limit")
         if pid is not None:
             pid = int_in("pid", pid, 1, MAX_PID, PID_MSG)
         limit = DEFAULT_LIMIT if limit is None else int_in("limit", limit, 1, MAX_LIMIT,
                                                            LIMIT_MSG)
-        per_pid, truncated = monitor.latest_per_pid(limit, pid=pid)
+        per_pid, truncated = monitor.latest_per_pid(limit, pid=pid,
+                                                    max_total=MAX_ANSWER_EVENTS)
         total = sum(len(events) for events in per_pid.values())
         return {"total_pids": len(per_pid),
                 "connections": {str(p): [e.to_dict() for e in per_pid[p]]

@@ -19,6 +19,7 @@ any further.
 from __future__ import annotations
 
 import collections
+import ctypes
 import re
 import socket
 import ssl
@@ -49,6 +50,15 @@ _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::[0-9]{1,5})?")
 _LENGTH = re.compile(rb"[0-9]{1,15}")
 _LISTS = frozenset(cheroot_server.comma_separated_headers)  # may repeat: values join
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+TRIM_AFTER_BYTES = 1 << 20  # after an answer this large, give freed memory back
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; musl has none
+
+
+def release_memory() -> None:
+    """A large answer's objects were freed in the worker thread's own malloc arena, which
+    glibc does not shrink by itself: RSS would stay at its peak. Give it back."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 class Refused(ValueError):
@@ -150,10 +160,13 @@ class Request(cheroot_server.HTTPRequest):
         super().send_headers()
 
     def respond(self):
+        written = self.conn.wfile.bytes_written
         try:
             super().respond()
         finally:
             self.server.streams.discard(self.conn)
+            if self.conn.wfile.bytes_written - written > TRIM_AFTER_BYTES:
+                release_memory()
 
 
 def response(code: int, message: str, extra: str = "") -> bytes:

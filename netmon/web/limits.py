@@ -13,6 +13,7 @@ MAX_STREAMS = 32  # concurrent /api/events/stream clients; the server adds a thr
 MAX_DURATION = 3600
 MAX_LIMIT = 1000
 MAX_EVENTS_LIMIT = 10000
+MAX_ANSWER_EVENTS = 10000  # events in one list-connections answer, whatever pids x limit
 DEFAULT_LIMIT = 100
 MAX_PID = 2**32 - 1
 COMM_BYTES = _core.COMM_LEN - 1  # the NUL-terminated comm of the record
