@@ -18,6 +18,7 @@ from ._core import (
     NETMON_OUTCOME_FAILED,
     NETMON_OUTCOME_PENDING,
 )
+from .names import shown
 
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
 KINDS = {NETMON_KIND_CONNECT: "connect", NETMON_KIND_UDP_SEND: "udp_send"}
@@ -74,9 +75,9 @@ def rfc3339(ts: _dt.datetime) -> str:
 def _unix_path(addr: bytes, flags: int):
     """(text, truncated) for a sun_path prefix: '@name' for abstract names."""
     if addr[:1] == b"\0":
-        return "@" + addr[1:].decode("utf-8", "backslashreplace"), bool(flags & NETMON_F_TRUNCATED)
+        return "@" + shown(addr[1:]), bool(flags & NETMON_F_TRUNCATED)
     path, nul, _ = addr.partition(b"\0")
-    return path.decode("utf-8", "backslashreplace"), bool(flags & NETMON_F_TRUNCATED) and not nul
+    return shown(path), bool(flags & NETMON_F_TRUNCATED) and not nul
 
 
 def _outcome(code: int, ret: int, flags: int, protocol: Optional[str]) -> Optional[str]:
@@ -140,7 +141,7 @@ class Event(NamedTuple):
             protocol = None
         return cls(
             seq=seq, timestamp=to_datetime(ts_ns + offset_ns), pid=pid, tid=tid, uid=uid,
-            cgroup_id=cgroup_id, command=comm.decode("utf-8", "backslashreplace"),
+            cgroup_id=cgroup_id, command=shown(comm),
             family=family, destination=dest, ip=ip, port=out_port,
             socket_type=SOCKET_TYPES.get(sock_type, str(sock_type)) if sock_type else None,
             protocol=protocol,

@@ -12,6 +12,7 @@ from typing import Optional, Union
 
 from . import _core
 from .event import AF_INET, AF_INET6, AF_UNIX, KINDS, PROTOCOL_NUMBERS, wall_offset_ns
+from .names import name_bytes
 
 # the filters every query takes, by the name the API, its OpenAPI description and
 # `netmon trace` give them (compile_filter's keywords, plus since / until / after_seq)
@@ -84,7 +85,7 @@ def _dest(v: str):
         raise FilterError("dest", "must be an IP, a CIDR or a unix path prefix")
     if v[0] in "/@":
         try:
-            raw = b"\0" + v[1:].encode() if v[0] == "@" else v.encode()
+            raw = b"\0" + name_bytes(v[1:]) if v[0] == "@" else name_bytes(v)
         except UnicodeEncodeError:  # a lone surrogate
             raise FilterError("dest", "a unix path prefix must be valid UTF-8") from None
         if len(raw) > _core.ADDR_LEN:
@@ -140,13 +141,13 @@ def _store_args(*, pid=None, command=None, kind="connect", family=None, protocol
         q["pid"] = int_in("pid", pid, 0, 2**32 - 1)
     if command is not None:
         try:
-            raw = command.encode() if isinstance(command, str) else b""
+            raw = name_bytes(command) if isinstance(command, str) else b""
         except UnicodeEncodeError:  # a lone surrogate
             raw = b""
         if not raw or len(raw) >= _core.COMM_LEN:
             raise FilterError("command", "must be a non-empty string of at most "
                                          f"{_core.COMM_LEN - 1} bytes")
-        q["comm"] = command
+        q["comm"] = raw  # as answers show names: \xNN for a byte that is not UTF-8
     if kind is not None and kind != "all":
         q["kind"] = _named("kind", kind, KIND_NUMBERS, 255)
     if family is not None:

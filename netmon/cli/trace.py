@@ -16,6 +16,7 @@ from typing import Mapping, Optional, Sequence
 from ..event import Event
 from ..filters import FAMILY_NAMES, FILTER_NAMES, FilterError, compile_filter
 from ..monitor import Monitor, MonitorError
+from ..names import visible
 from .settings import Failure, Parser, UsageError, backend, count, run_command
 
 PROG = "netmon trace"
@@ -75,8 +76,8 @@ def line(ev: Event) -> str:
         result = f"sent {ev.packets}"
     else:
         result = "ok" if ev.return_code == 0 else ev.error or "unknown"
-    return LINE.format(ev.timestamp.strftime("%H:%M:%S.%f"), ev.pid, ev.command,
-                       FAMILIES.get(ev.family, str(ev.family)), ev.destination or "-",
+    return LINE.format(ev.timestamp.strftime("%H:%M:%S.%f"), ev.pid, visible(ev.command),
+                       FAMILIES.get(ev.family, str(ev.family)), visible(ev.destination or "-"),
                        ev.protocol or "-", result)
 
 

@@ -12,6 +12,7 @@ import bottle
 
 from ..filters import FilterError
 from ..monitor import Monitor
+from ..names import visible
 from .limits import error_body
 from .params import bad_request
 
@@ -29,15 +30,19 @@ def _log_faults(callback):
         except FilterError as e:  # a query parameter, named in the message
             raise bad_request(str(e)) from None
         except Exception:
-            log.exception("%s %s failed", bottle.request.method, bottle.request.path)
+            log.exception("%s %s failed", visible(bottle.request.method),
+                          visible(bottle.request.path))
             raise bottle.HTTPError(500, "internal server error; the netmon log has details") \
                 from None
     return wrapper
 
 
 def _log_request() -> None:
-    log.debug("%s %s -> %s", bottle.request.method, bottle.request.fullpath,
-              bottle.response.status)
+    """--debug: one line per request; a control character from the URL is escaped, so
+    that it cannot reach the operator's terminal."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s %s -> %s", visible(bottle.request.method),
+                  visible(bottle.request.fullpath), bottle.response.status)
 
 
 class App(bottle.Bottle):

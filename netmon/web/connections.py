@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 
 from ..filters import int_in
+from ..names import name_bytes
 from .base import App
 from .limits import COMM_BYTES, DEFAULT_LIMIT, MAX_ANSWER_EVENTS, MAX_DURATION, MAX_LIMIT, MAX_PID
 from .params import bad_request, request_params
@@ -16,9 +17,9 @@ COMMAND_MSG = f"command must be a non-empty string of at most {COMM_BYTES} chara
 
 
 def _command(value) -> str:
-    try:
-        ok = (isinstance(value, str) and 0 < len(value.encode()) <= COMM_BYTES
-              and "\0" not in value)  # the kernel's comm cannot hold a NUL
+    try:  # a name as answers show it (name_bytes): \xNN is a byte that is not UTF-8
+        raw = name_bytes(value) if isinstance(value, str) else b""
+        ok = 0 < len(raw) <= COMM_BYTES and b"\0" not in raw  # a comm cannot hold a NUL
     except UnicodeEncodeError:  # a lone surrogate, from a JSON \ud800 escape
         ok = False
     if not ok:
