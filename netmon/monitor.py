@@ -18,6 +18,8 @@ log = logging.getLogger("netmon")
 
 DEFAULT_CAPACITY = 1 << 20
 DEFAULT_RINGBUF_BYTES = 8 << 20
+MAX_CAPACITY = 1 << 32  # 512 GiB of records: past any host, and past it a clear error
+MAX_RINGBUF_BYTES = 1 << 30
 DEFAULT_WAKEUP_BYTES = 64 << 10  # wake the consumer early once this much waits
 POLL_MS = 10  # otherwise drain every 10 ms: no record waits much longer than that
 STALL_SECONDS = 2.0  # a poll loop silent this long is unhealthy
@@ -26,7 +28,7 @@ BACKENDS = ("syscall", "cgroup", "auto")
 
 def _check_ringbuf(n: int) -> int:
     page = os.sysconf("SC_PAGE_SIZE")
-    if not isinstance(n, int) or n < page or n & (n - 1) or n > 1 << 30:
+    if not isinstance(n, int) or n < page or n & (n - 1) or n > MAX_RINGBUF_BYTES:
         raise ValueError(f"ringbuf_bytes must be a power of two between {page} and 1 GiB, "
                          f"got {n!r}")
     return n
@@ -60,6 +62,8 @@ class Monitor:
                  cgroup: Optional[str] = None, debug: bool = False):
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
+        if capacity > MAX_CAPACITY:
+            raise ValueError(f"capacity must be at most {MAX_CAPACITY}, got {capacity}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.capacity = capacity

@@ -8,7 +8,13 @@ import re
 import sys
 from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-from ..monitor import BACKENDS, DEFAULT_CAPACITY, DEFAULT_RINGBUF_BYTES
+from ..monitor import (
+    BACKENDS,
+    DEFAULT_CAPACITY,
+    DEFAULT_RINGBUF_BYTES,
+    MAX_CAPACITY,
+    MAX_RINGBUF_BYTES,
+)
 
 DEFAULT_ADDR = "127.0.0.1:8080"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -74,10 +80,19 @@ def parse_addr(text: str) -> Tuple[str, int]:
     return m.group(1) or m.group(2) or "::", int(m.group(3))
 
 
-def count(text: str) -> int:
-    if not re.fullmatch(r"[0-9]+", text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return int(text)
+def count_up_to(most: int) -> Callable[[str], int]:
+    """A parser of decimal counts no larger than `most` (the checks past it, such as a
+    minimum, are the Monitor's)."""
+    def count(text: str) -> int:
+        if not re.fullmatch(r"[0-9]+", text):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+        if len(text.lstrip("0")) > len(str(most)) or int(text) > most:
+            raise argparse.ArgumentTypeError(f"{text} is too large (at most {most})")
+        return int(text)
+    return count
+
+
+count = count_up_to(2**63 - 1)
 
 
 def boolean(text: str) -> bool:
@@ -121,10 +136,11 @@ ACCESS = "access and privilege"
 SETTINGS = (
     Setting(("--addr", "-addr"), "NETMON_ADDR", parse_addr(DEFAULT_ADDR), parse_addr,
             f"where the API listens (default {DEFAULT_ADDR}; env NETMON_ADDR)", "HOST:PORT"),
-    Setting(("--capacity",), "NETMON_CAPACITY", DEFAULT_CAPACITY, count,
+    Setting(("--capacity",), "NETMON_CAPACITY", DEFAULT_CAPACITY, count_up_to(MAX_CAPACITY),
             f"events kept in memory, oldest overwritten first "
             f"(default {DEFAULT_CAPACITY}; env NETMON_CAPACITY)", "N"),
-    Setting(("--ringbuf-size",), "NETMON_RINGBUF_SIZE", DEFAULT_RINGBUF_BYTES, count,
+    Setting(("--ringbuf-size",), "NETMON_RINGBUF_SIZE", DEFAULT_RINGBUF_BYTES,
+            count_up_to(MAX_RINGBUF_BYTES),
             f"kernel ring buffer size, a power of two "
             f"(default {DEFAULT_RINGBUF_BYTES}; env NETMON_RINGBUF_SIZE)", "BYTES"),
     Setting(("--backend",), "NETMON_BACKEND", "auto", backend,
