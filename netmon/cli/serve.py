@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import threading
 from typing import Mapping, Optional, Tuple
 
@@ -13,7 +14,7 @@ from .._version import __version__
 from ..monitor import Monitor, MonitorError
 from ..web import make_app
 from ..web.guard import Guard, SecurityError, is_loopback, read_token
-from ..web.server import Server, ServerError, ShutdownSignals, host_port
+from ..web.server import SERVICE_SIGNALS, Server, ServerError, ShutdownSignals, host_port
 from .settings import EXIT_RUNTIME, EXIT_USAGE, Failure, add_settings, apply_env
 
 log = logging.getLogger("netmon")
@@ -68,8 +69,10 @@ def run(args: argparse.Namespace) -> int:
     level = _configure_logging(args)
     token, loopback = _check_access(args)
     monitor = _build_monitor(args)
-    server = _build_server(args, monitor, token, loopback)
-    with ShutdownSignals() as signals:
+    guard = Guard(None, token=token, check_host=loopback,
+                  cors_origins=[o.strip() for o in args.cors_origin.split(",") if o.strip()])
+    server = _build_server(args, monitor, guard)
+    with ShutdownSignals(also=SERVICE_SIGNALS) as signals:
         try:
             server.bind()  # before loading BPF, so a busy port fails fast
         except ServerError as e:
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         _start_capture(monitor, server)
         try:
             _go_live(server, monitor, level)
-            return _serve_until_stopped(monitor, signals)
+            return _serve_until_stopped(monitor, signals, _SignalActions(args, monitor, guard))
         finally:
             systemd.notify("STOPPING=1")
             server.stop()
@@ -121,10 +124,7 @@ def _build_monitor(args: argparse.Namespace) -> Monitor:
         raise Failure(f"{e}; lower --capacity") from None
 
 
-def _build_server(args: argparse.Namespace, monitor: Monitor, token: Optional[str],
-                  loopback: bool) -> Server:
-    guard = Guard(None, token=token, check_host=loopback,
-                  cors_origins=[o.strip() for o in args.cors_origin.split(",") if o.strip()])
+def _build_server(args: argparse.Namespace, monitor: Monitor, guard: Guard) -> Server:
     shutdown = threading.Event()  # Server.stop() sets it: open event streams end
     guard.app = make_app(monitor, server_stats=guard.stats, shutdown=shutdown)
     host, port = args.addr
@@ -170,7 +170,40 @@ def _log_events(monitor: Monitor) -> None:
             log.debug("event %s", json.dumps(ev.to_dict()))
 
 
-def _serve_until_stopped(monitor: Monitor, signals: ShutdownSignals) -> int:
+class _SignalActions:
+    """What the service signals do: SIGHUP re-reads the token file (tokens rotate without
+    a restart; a file that became unusable keeps the old token), SIGUSR1 logs a status
+    line, SIGUSR2 is logged and ignored."""
+
+    def __init__(self, args: argparse.Namespace, monitor: Monitor, guard: Guard):
+        self.token_file, self.monitor, self.guard = args.auth_token_file, monitor, guard
+
+    def __call__(self, sig: signal.Signals) -> None:
+        if sig == signal.SIGHUP:
+            self._reload_token()
+        elif sig == signal.SIGUSR1:
+            s = self.monitor.stats()
+            log.info("SIGUSR1: status: %d events captured, %d dropped, %d held of %d, "
+                     "poll lag %.3f s, %s", s["captured"], s["dropped_total"], s["size"],
+                     s["capacity"], s["poll_lag_seconds"] or 0.0,
+                     "healthy" if self.monitor.health()[0] else "unhealthy")
+        else:
+            log.info("%s received: netmon does nothing on it; ignored", sig.name)
+
+    def _reload_token(self) -> None:
+        if not self.token_file:
+            log.info("SIGHUP received: no --auth-token-file to re-read; nothing changed")
+            return
+        try:
+            self.guard.set_token(read_token(self.token_file))
+        except SecurityError as e:
+            log.error("SIGHUP received: %s; still using the previous token", e)
+            return
+        log.info("SIGHUP received: re-read the token file %s", self.token_file)
+
+
+def _serve_until_stopped(monitor: Monitor, signals: ShutdownSignals,
+                         on_signal: _SignalActions) -> int:
     """Until SIGTERM/SIGINT (exit 0), or until the poll thread dies (exit 1): serving
     data that silently stopped updating would be worse than stopping."""
     fault = os.environ.get(FAULT_ENV)
@@ -178,7 +211,9 @@ def _serve_until_stopped(monitor: Monitor, signals: ShutdownSignals) -> int:
         threading.Timer(float(fault), monitor._inject_poll_failure).start()
     while True:
         sig = signals.wait(timeout=1.0)
-        if sig is not None:
+        if sig in SERVICE_SIGNALS:
+            on_signal(sig)
+        elif sig is not None:
             log.info("%s received, shutting down", sig.name)
             return 0
         if not monitor.polling:

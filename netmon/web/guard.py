@@ -77,6 +77,10 @@ class Guard:
         self._lock = threading.Lock()
         self._counts = {"auth_failures": 0, "host_rejected": 0}
 
+    def set_token(self, token: str) -> None:
+        """A new token (a rotated token file, re-read): requests from now on need it."""
+        self._token = token.encode()
+
     def stats(self) -> dict:
         with self._lock:
             return dict(self._counts)

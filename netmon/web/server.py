@@ -31,6 +31,8 @@ SOCKET_TIMEOUT = 10  # seconds a client may stall mid-request
 SHUTDOWN_TIMEOUT = 3  # seconds in-flight requests get to finish on shutdown
 STREAM_GRACE = 0.2  # seconds event streams get to end by themselves on shutdown
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# what a service manager or an operator may send; netmon acts on them, they never kill it
+SERVICE_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class ServerError(RuntimeError):
@@ -173,16 +175,20 @@ class Server:
 
 
 class ShutdownSignals:
-    """Catch SIGTERM and SIGINT from entry on; wait() blocks until one arrives.
+    """Catch SIGTERM and SIGINT (and the signals in `also`) from entry on; wait() blocks
+    until one arrives.
 
     The handlers do nothing in Python (no locks in a signal handler); the interpreter's
     wakeup fd carries the signal number to wait(). Previous handlers come back on exit.
     """
 
+    def __init__(self, also: Tuple[signal.Signals, ...] = ()):
+        self._signals = SHUTDOWN_SIGNALS + tuple(also)
+
     def __enter__(self) -> "ShutdownSignals":
         self._r, self._w = os.pipe()
         os.set_blocking(self._w, False)
-        self._old = {s: signal.signal(s, lambda *_: None) for s in SHUTDOWN_SIGNALS}
+        self._old = {s: signal.signal(s, lambda *_: None) for s in self._signals}
         self._old_fd = signal.set_wakeup_fd(self._w)
         return self
 
@@ -194,7 +200,7 @@ class ShutdownSignals:
             if not select.select([self._r], [], [], left)[0]:
                 return None
             signum = os.read(self._r, 1)[0]
-            if signum in SHUTDOWN_SIGNALS:
+            if signum in self._signals:
                 return signal.Signals(signum)
 
     def __exit__(self, *exc) -> None:
