@@ -41,8 +41,10 @@ def _log_request() -> None:
     """--debug: one line per request; a control character from the URL is escaped, so
     that it cannot reach the operator's terminal."""
     if log.isEnabledFor(logging.DEBUG):
+        query = bottle.request.query_string
         log.debug("%s %s -> %s", visible(bottle.request.method),
-                  visible(bottle.request.fullpath), bottle.response.status)
+                  visible(bottle.request.path + ("?" + query if query else "")),
+                  bottle.response.status)
 
 
 class App(bottle.Bottle):
