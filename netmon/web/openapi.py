@@ -5,7 +5,15 @@ from __future__ import annotations
 from .. import __version__
 from ..filters import FAMILY_NAMES, FILTER_NAMES
 from .base import App
-from .limits import MAX_BODY_BYTES, MAX_DURATION, MAX_EVENTS_LIMIT, MAX_LIMIT, MAX_PID, MAX_STREAMS
+from .limits import (
+    MAX_ANSWER_EVENTS,
+    MAX_BODY_BYTES,
+    MAX_DURATION,
+    MAX_EVENTS_LIMIT,
+    MAX_LIMIT,
+    MAX_PID,
+    MAX_STREAMS,
+)
 
 
 def _ref(name: str) -> dict:
@@ -37,6 +45,7 @@ INT = {"type": "integer", "minimum": 0}
 STR = {"type": "string"}
 TIME = {"type": "string", "format": "date-time"}
 ERROR = _json(_ref("Error"), "the parameter or body is invalid; the message names it")
+CHUNKED = _json(_ref("Error"), "a body sent with Transfer-Encoding")
 
 EVENT = _obj(
     ("seq", "timestamp", "pid", "tid", "uid", "command", "destination", "address_family",
@@ -166,7 +175,7 @@ SPEC = {
                                   total_attempts=INT, pid=_null(INT), command=_null(STR),
                                   duration=INT, message=STR), "the count"),
                 "400": ERROR,
-                "411": _json(_ref("Error"), "a chunked body"),
+                "411": CHUNKED,
                 "413": _json(_ref("Error"), f"a body over {MAX_BODY_BYTES // 1024} KiB")}}},
         "/api/list-connections": {
             method: {"summary": "Each process's most recent limit connect() attempts",
@@ -188,8 +197,10 @@ SPEC = {
                                                             "type": "array",
                                                             "items": _ref("Event")}},
                                            truncated={"type": "boolean"}, message=STR),
-                                      "events by pid, oldest first"),
-                         "400": ERROR, "411": _json(_ref("Error"), "a chunked body"),
+                                      "events by pid, oldest first; at most "
+                                      f"{MAX_ANSWER_EVENTS} in all, the newest (truncated "
+                                      "then says some were left out)"),
+                         "400": ERROR, "411": CHUNKED,
                          "413": _json(_ref("Error"), f"a body over {MAX_BODY_BYTES // 1024} KiB")}}
             for method in ("get", "post")},
         "/api/events": {"get": {
