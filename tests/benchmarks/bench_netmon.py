@@ -369,20 +369,19 @@ def bench_loads(res: dict, bpftrace: bool) -> None:
 def serve_full() -> None:
     """Child process: a Monitor with a full synthetic store (no kernel attach), served
     through netmon's own app and server on an ephemeral loopback port."""
-    from netmon import Monitor, _core
-    from netmon.testing import record
+    from netmon.testing import now_ns, record, synthetic_monitor
     from netmon.web import make_app
     from netmon.web.server import Server, ShutdownSignals
 
     t0 = time.monotonic()
-    m = Monitor(capacity=FULL_EVENTS)
+    m = synthetic_monitor(FULL_EVENTS)
     rng = random.Random(5)
     dests = [(f"10.{d >> 8}.{d & 255}.{1 + d % 7}", (443, 80, 53, 5432, 8080)[d % 5])
              for d in range(FULL_DESTS)]
     # Events span the FULL_SPAN_S before the fill starts (it takes ~3 s). The queries run
     # for ~60 s in all, top first: its 60 s window must still hold every event (checked).
     span = FULL_SPAN_S * 1e9
-    start = _core.boot_ns() - int(span)
+    start = now_ns() - int(span)
     for i in range(FULL_EVENTS):
         pid = 1000 + rng.randrange(FULL_PIDS)
         ip, port = dests[rng.randrange(FULL_DESTS)]
