@@ -5,7 +5,7 @@ Nothing here runs Python per event: the ring-buffer callback is C that copies th
 record into the store under its mutex. Python tuples are made only for what a query
 returns, after the store's lock is released.
 """
-from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from libc.errno cimport EINVAL, errno
@@ -88,8 +88,16 @@ cdef extern from "consumer.h" nogil:
         int error
         int udp_fd
         nm_store *store
-    int nm_poll_loop(bpf.ring_buffer *rb, nm_poll_state *state, int timeout_ms)
+        bpf.ring_buffer *rb
+    void nm_state_init(nm_poll_state *st)
+    void nm_state_destroy(nm_poll_state *st)
+    int nm_ring_open(nm_poll_state *st, int map_fd, bpf.ring_buffer_sample_fn cb, void *ctx)
+    bint nm_ring_pending(const nm_poll_state *st)
+    int nm_ring_sync(nm_poll_state *st)
+    void nm_ring_close(nm_poll_state *st)
+    int nm_poll_loop(nm_poll_state *state, int timeout_ms)
     uint64_t nm_boot_ns()
+    int64_t nm_boot_offset_ns()
     void nm_log_install(int keep_debug)
     size_t nm_log_tail(char *buf, size_t size)
     void nm_log_clear()
@@ -204,8 +212,15 @@ def libbpf_version():
 
 
 def boot_ns():
-    """CLOCK_BOOTTIME in ns: the clock of every record's ts_ns."""
+    """CLOCK_BOOTTIME in ns on the kernel's clock: the clock of every record's ts_ns (in
+    a time namespace, the namespace's boot clock less its offset)."""
     return nm_boot_ns()
+
+
+def boot_offset_ns():
+    """The time namespace's boot-clock offset (/proc/self/timens_offsets), 0 outside one:
+    what boot_ns() takes off CLOCK_BOOTTIME."""
+    return nm_boot_offset_ns()
 
 
 def libbpf_log_tail(size_t size=4096):
@@ -408,14 +423,12 @@ cdef class Probe:
     The links live in the skeleton: one slot a program, released in one place.
     """
     cdef netmon_bpf *skel
-    cdef bpf.ring_buffer *rb
     cdef nm_poll_state st
     cdef Store store
 
     def __cinit__(self):
         self.skel = NULL
-        self.rb = NULL
-        memset(&self.st, 0, sizeof(self.st))
+        nm_state_init(&self.st)
 
     def __init__(self, Store store not None, uint32_t ringbuf_bytes, uint64_t wakeup_bytes,
                  bint debug=False, str backend="syscall", bint udp_sends=False,
@@ -427,7 +440,6 @@ cdef class Probe:
         if backend not in ("syscall", "cgroup"):
             raise ValueError(f"backend must be syscall or cgroup, got {backend!r}")
         self.store = store
-        self.st.udp_fd = -1
         self.st.store = store.ptr()
         nm_log_install(debug)
         nm_log_clear()
@@ -444,10 +456,10 @@ cdef class Probe:
             err = netmon_bpf__load(self.skel)
         if err:
             raise OSError(-err, "the kernel refused to load the BPF programs")
-        self.rb = bpf.ring_buffer__new(bpf.bpf_map__fd(self.skel.maps.events), _on_record,
-                                       store.ptr(), NULL)
-        if self.rb == NULL:
-            raise OSError(errno, "cannot set up the ring buffer consumer")
+        err = nm_ring_open(&self.st, bpf.bpf_map__fd(self.skel.maps.events), _on_record,
+                           store.ptr())
+        if err:
+            raise OSError(-err, "cannot set up the ring buffer consumer")
         if udp_sends:
             self.st.udp_fd = bpf.bpf_map__fd(self.skel.maps.udp_flows)
 
@@ -534,8 +546,18 @@ cdef class Probe:
         cdef int err
         self.st.stop = 0
         with nogil:
-            err = nm_poll_loop(self.rb, &self.st, timeout_ms)
+            err = nm_poll_loop(&self.st, timeout_ms)
         return err
+
+    def sync(self):
+        """Read your writes: move every record the kernel has already submitted into the
+        store now, serialised with the poll loop (not while paused, nor after close).
+        Nothing pending costs two memory reads. Returns the records moved, or -errno."""
+        cdef int n = 0
+        if nm_ring_pending(&self.st):
+            with nogil:
+                n = nm_ring_sync(&self.st)
+        return n
 
     def stop(self):
         self.st.stop = 1
@@ -592,11 +614,10 @@ cdef class Probe:
 
     cdef void _release(self) noexcept:
         self._detach()
-        if self.rb != NULL:
-            bpf.ring_buffer__free(self.rb)
-            self.rb = NULL
+        nm_ring_close(&self.st)
         netmon_bpf__destroy(self.skel)  # NULL: a no-op
         self.skel = NULL
 
     def __dealloc__(self):
         self._release()
+        nm_state_destroy(&self.st)

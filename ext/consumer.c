@@ -6,6 +6,9 @@
 #include <string.h>
 #include <stdlib.h>
 #include <time.h>
+#include <unistd.h>
+#include <sys/epoll.h>
+#include <sys/mman.h>
 #include <bpf/bpf.h>
 #include "consumer.h"
 
@@ -13,12 +16,107 @@
 #define UDP_SWEEP_NS 100000000ull /* sweep udp_flows every 100 ms */
 #define UDP_WINDOW_NS 1000000000ull /* one udp_send event per destination per second */
 
+static int64_t timens_boot_offset;
+static pthread_once_t timens_once = PTHREAD_ONCE_INIT;
+
+/* In a time namespace CLOCK_BOOTTIME reads the host's boot clock plus the namespace's
+ * offset, while BPF programs stamp with the host's: read the offset (a line "boottime
+ * <s> <ns>", or the clock's number on older kernels) to take it back off. No file (no
+ * time namespaces, or an old kernel): no offset. */
+static void read_timens_offset(void)
+{
+	char name[32];
+	long long sec;
+	long nsec;
+	FILE *f = fopen("/proc/self/timens_offsets", "re");
+
+	if (!f)
+		return;
+	while (fscanf(f, "%31s %lld %ld", name, &sec, &nsec) == 3) {
+		if (!strcmp(name, "boottime") || atoi(name) == CLOCK_BOOTTIME)
+			timens_boot_offset = sec * 1000000000ll + nsec;
+	}
+	fclose(f);
+}
+
+int64_t nm_boot_offset_ns(void)
+{
+	pthread_once(&timens_once, read_timens_offset);
+	return timens_boot_offset;
+}
+
 uint64_t nm_boot_ns(void)
 {
 	struct timespec ts;
+	int64_t off = nm_boot_offset_ns();
 
 	clock_gettime(CLOCK_BOOTTIME, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
+	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec - (uint64_t)off;
+}
+
+void nm_state_init(struct nm_poll_state *st)
+{
+	memset(st, 0, sizeof(*st));
+	st->udp_fd = -1;
+	pthread_mutex_init(&st->lock, NULL);
+}
+
+void nm_state_destroy(struct nm_poll_state *st)
+{
+	nm_ring_close(st);
+	if (st->pages)
+		munmap(st->pages, st->pages_len);
+	st->pages = NULL;
+	pthread_mutex_destroy(&st->lock);
+}
+
+int nm_ring_open(struct nm_poll_state *st, int map_fd, ring_buffer_sample_fn cb, void *ctx)
+{
+	long page = sysconf(_SC_PAGESIZE);
+	void *pages;
+
+	/* read-only: the kernel lets any page of a ringbuf be mapped so, and the consumer
+	 * page only be mapped writable (libbpf's own mapping) */
+	pages = mmap(NULL, 2 * page, PROT_READ, MAP_SHARED, map_fd, 0);
+	if (pages == MAP_FAILED)
+		return -errno;
+	st->rb = ring_buffer__new(map_fd, cb, ctx, NULL);
+	if (!st->rb) {
+		int err = -errno;
+
+		munmap(pages, 2 * page);
+		return err;
+	}
+	st->pages = pages;
+	st->pages_len = 2 * page;
+	st->cons_pos = pages;
+	st->prod_pos = (const unsigned long *)((char *)pages + page);
+	return 0;
+}
+
+/* ring_buffer__consume under the lock, unless paused or closed */
+static int consume_locked(struct nm_poll_state *st)
+{
+	int got = 0;
+
+	pthread_mutex_lock(&st->lock);
+	if (st->rb && !st->paused)
+		got = ring_buffer__consume(st->rb);
+	pthread_mutex_unlock(&st->lock);
+	return got;
+}
+
+int nm_ring_sync(struct nm_poll_state *st)
+{
+	return nm_ring_pending(st) ? consume_locked(st) : 0;
+}
+
+void nm_ring_close(struct nm_poll_state *st)
+{
+	pthread_mutex_lock(&st->lock);
+	ring_buffer__free(st->rb); /* NULL: a no-op */
+	st->rb = NULL;
+	pthread_mutex_unlock(&st->lock);
 }
 
 /* Move every udp_flows entry whose first datagram is at least min_age_ns old into the
@@ -52,9 +150,14 @@ static int nm_udp_sweep(int fd, struct nm_store *store, uint64_t min_age_ns)
 	return made;
 }
 
-int nm_poll_loop(struct ring_buffer *rb, struct nm_poll_state *st, int timeout_ms)
+int nm_poll_loop(struct nm_poll_state *st, int timeout_ms)
 {
 	int err = 0, wait = timeout_ms;
+	int epfd = st->rb ? ring_buffer__epoll_fd(st->rb) : -EBADF;
+	struct epoll_event ready;
+
+	if (epfd < 0)
+		return epfd;
 
 	st->last_poll_ns = nm_boot_ns();
 	while (!st->stop) {
@@ -63,8 +166,12 @@ int nm_poll_loop(struct ring_buffer *rb, struct nm_poll_state *st, int timeout_m
 
 			nanosleep(&d, NULL);
 		} else {
-			int woken = ring_buffer__poll(rb, wait);
-			int got = woken >= 0 || woken == -EINTR ? ring_buffer__consume(rb) : woken;
+			/* wait without the lock, so a query's sync never waits for a wake-up */
+			int woken = epoll_wait(epfd, &ready, 1, wait);
+			int got;
+
+			woken = woken < 0 ? -errno : woken;
+			got = woken >= 0 || woken == -EINTR ? consume_locked(st) : woken;
 
 			if (got < 0 && got != -EINTR) {
 				err = got;
@@ -81,8 +188,8 @@ int nm_poll_loop(struct ring_buffer *rb, struct nm_poll_state *st, int timeout_m
 			st->udp_swept_ns = st->last_poll_ns;
 		}
 	}
-	if (!err && !st->paused)
-		ring_buffer__consume(rb); /* what arrived before detach */
+	if (!err)
+		consume_locked(st); /* what arrived before detach */
 	if (st->udp_fd >= 0)
 		nm_udp_sweep(st->udp_fd, st->store, 0); /* and every open UDP window */
 	st->error = err;

@@ -13,8 +13,6 @@ cdef extern from "<bpf/libbpf.h>" nogil:
         pass
     struct ring_buffer:
         pass
-    struct ring_buffer_opts:
-        pass
     ctypedef int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size) noexcept nogil
 
     # what a generated skeleton (bpftool gen skeleton) hands libbpf: one entry a program,
@@ -41,12 +39,6 @@ cdef extern from "<bpf/libbpf.h>" nogil:
 
     int bpf_map__fd(const bpf_map *map)
     int bpf_map__set_max_entries(bpf_map *map, uint32_t max_entries)
-
-    ring_buffer *ring_buffer__new(int map_fd, ring_buffer_sample_fn sample_cb, void *ctx,
-                                  const ring_buffer_opts *opts)
-    int ring_buffer__poll(ring_buffer *rb, int timeout_ms)
-    int ring_buffer__consume(ring_buffer *rb)
-    void ring_buffer__free(ring_buffer *rb)
 
 
 cdef extern from "<bpf/bpf.h>" nogil:

@@ -18,6 +18,7 @@ from ._core import (
     NETMON_OUTCOME_FAILED,
     NETMON_OUTCOME_PENDING,
 )
+from ._core import boot_ns as _boot_ns
 from .names import shown
 
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
@@ -51,14 +52,16 @@ OFFSET_REFRESH_NS = 1_000_000_000
 
 
 def wall_offset_ns() -> int:
-    """CLOCK_REALTIME - CLOCK_BOOTTIME: add to a record's boot-time stamp for UTC.
-    Measured between two boot-clock reads (so it does not jitter by the read's own
-    cost) and refreshed every second, so an NTP step is followed within a second."""
-    b1 = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+    """CLOCK_REALTIME - the kernel's boot clock: add to a record's boot-time stamp for
+    UTC. The kernel's clock, not this process's CLOCK_BOOTTIME, which a time namespace
+    offsets (see _core.boot_ns). Measured between two boot-clock reads (so it does not
+    jitter by the read's own cost) and refreshed every second, so an NTP step is followed
+    within a second."""
+    b1 = _boot_ns()
     if b1 - _offset[1] < OFFSET_REFRESH_NS:
         return _offset[0]
     real = time.clock_gettime_ns(time.CLOCK_REALTIME)
-    b2 = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+    b2 = _boot_ns()
     _offset[:] = [real - (b1 + b2) // 2, b1]
     return _offset[0]
 

@@ -57,19 +57,19 @@ def parse_time(param: str, text: str) -> _dt.datetime | _dt.timedelta:
     return t
 
 
-def boot_ns(param: str, t: Time) -> int:
-    """A wall-clock instant or an age -> the records' boot clock (ns); 0 for None."""
+def boot_ns(param: str, t: Time) -> Optional[int]:
+    """A wall-clock instant or an age -> the kernel's boot clock (ns), None for None. Not
+    clamped: a bound before boot is negative (and past the clock's u64, larger), and
+    the Monitor that runs the query clamps it on its own clock."""
     if t is None:
-        return 0
+        return None
     if isinstance(t, _dt.timedelta):
-        ns = _core.boot_ns() - t // _dt.timedelta(microseconds=1) * 1000
-    elif isinstance(t, _dt.datetime):
+        return _core.boot_ns() - t // _dt.timedelta(microseconds=1) * 1000
+    if isinstance(t, _dt.datetime):
         if t.tzinfo is None:
             raise FilterError(param, "must be timezone-aware")
-        ns = (t - _EPOCH) // _dt.timedelta(microseconds=1) * 1000 - wall_offset_ns()
-    else:
-        raise FilterError(param, "must be a datetime or a timedelta")
-    return min(max(ns, 1), 2**64 - 1)  # a far-future bound: the store's clock is a u64
+        return (t - _EPOCH) // _dt.timedelta(microseconds=1) * 1000 - wall_offset_ns()
+    raise FilterError(param, "must be a datetime or a timedelta")
 
 
 def _named(param: str, v, names: dict, hi: int) -> int:

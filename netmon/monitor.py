@@ -35,12 +35,20 @@ def _check_ringbuf(n: int) -> int:
 
 
 def _compiled(where: Optional[Filter], filters: dict) -> dict:
-    """What the store matches on: the compiled `where`, or the filter keywords compiled."""
+    """The compiled `where`, or the filter keywords compiled."""
     if where is None:
         return compile_filter(**filters).store
     if filters:
         raise TypeError("give the filters either compiled (where=) or as keywords, not both")
     return where.store
+
+
+def _bound(ns: Optional[int], shift_ns: int) -> int:
+    """A time bound on the kernel's clock -> on a store's clock (shifted by shift_ns), as
+    the store takes it: 0 for none; one before boot clamps to the clock's start (a window
+    reaching before boot is valid: it holds everything since boot), one past the clock's
+    u64 to its end."""
+    return 0 if ns is None else min(max(ns + shift_ns, 1), 2**64 - 1)
 
 
 class Monitor:
@@ -82,6 +90,9 @@ class Monitor:
         self._thread: Optional[threading.Thread] = None
         self._poll_error = 0
         self._lock = threading.Lock()
+        # the store's clock: the kernel's boot clock + this (tests' synthetic monitors run
+        # ahead of it, see netmon.testing, so records of any age fit after a short uptime)
+        self._clock_shift_ns = 0
         self.started_at: Optional[float] = None  # time.monotonic() at start
 
     # ---- lifecycle ----
@@ -212,9 +223,30 @@ class Monitor:
 
     # ---- queries ----
 
-    @staticmethod
-    def _events(rows) -> List[Event]:
-        off = wall_offset_ns()
+    def _sync(self) -> None:
+        """Read your writes: every query first moves what the kernel has already submitted
+        into the store (a memory read when nothing is pending), so a caller that connected
+        and then asks sees its connect."""
+        probe = self._probe
+        if probe is not None:
+            probe.sync()
+
+    def _args(self, where: Optional[Filter], filters: dict) -> dict:
+        """What the store matches on: the filters compiled, time bounds on its clock."""
+        q = _compiled(where, filters)
+        return {**q, "since_ns": _bound(q["since_ns"], self._clock_shift_ns),
+                "until_ns": _bound(q["until_ns"], self._clock_shift_ns)}
+
+    def clock_ns(self) -> int:
+        """Now on the clock of this monitor's records (ts_ns)."""
+        return _core.boot_ns() + self._clock_shift_ns
+
+    def wall_offset_ns(self) -> int:
+        """Add to a record's ts_ns for ns since the epoch (UTC)."""
+        return wall_offset_ns() - self._clock_shift_ns
+
+    def _events(self, rows) -> List[Event]:
+        off = self.wall_offset_ns()
         return [Event.from_row(r, off) for r in rows]
 
     # Filters, for every query (see netmon.filters.compile_filter): pid, command (exact
@@ -233,11 +265,13 @@ class Monitor:
               where: Optional[Filter] = None, **filters) -> Tuple[List[Event], int]:
         """(events, matched): like events(), plus how many matched in all.
         newest=False takes the oldest `limit` after `after_seq` instead (paging)."""
-        rows, matched = self._store.query(limit or 0, newest, **_compiled(where, filters))
+        self._sync()
+        rows, matched = self._store.query(limit or 0, newest, **self._args(where, filters))
         return self._events(rows), matched
 
     def seq_range(self) -> Tuple[int, int]:
         """(oldest held seq, newest seq): a cursor below oldest - 1 fell out of the store."""
+        self._sync()
         c = self._store.counters()
         return c["last_seq"] - c["size"] + 1, c["last_seq"]
 
@@ -247,6 +281,7 @@ class Monitor:
         protocol tcp/udp/.../unix/none/other, result ok, an errno name, unknown (the hook
         could not know) or other. result is what connect() returned (EINPROGRESS for a
         non-blocking TCP connect), not the handshake's outcome."""
+        self._sync()
         counts, other = self._store.attempts()
         families = {v: k for k, v in FAMILY_NAMES.items()}
         out = {("other", "other", "other"): other} if other else {}
@@ -260,15 +295,17 @@ class Monitor:
         return out
 
     def count(self, where: Optional[Filter] = None, **filters) -> int:
-        return self._store.count(**_compiled(where, filters))
+        self._sync()
+        return self._store.count(**self._args(where, filters))
 
     def latest_per_pid(self, limit: int = 100, where: Optional[Filter] = None,
                        max_total: Optional[int] = None, **filters) -> Tuple[dict, bool]:
         """({pid: [its newest `limit` events, oldest first]}, truncated): no more than
         `max_total` events in all (the newest) when given. truncated: some matching event
         was left out."""
+        self._sync()
         rows, _, truncated = self._store.latest_per_pid(limit, max_total or 0,
-                                                        **_compiled(where, filters))
+                                                        **self._args(where, filters))
         out: dict = {}
         for ev in self._events(rows):
             out.setdefault(ev.pid, []).append(ev)
@@ -280,8 +317,9 @@ class Monitor:
         groups by destination, command, pid, port or error (failed attempts only)."""
         if by not in _core.TOP_BY:
             raise FilterError("by", f"must be one of {', '.join(_core.TOP_BY)}")
-        rows, groups, matched = self._store.top(by, limit, **_compiled(where, filters))
-        off = wall_offset_ns()
+        self._sync()
+        rows, groups, matched = self._store.top(by, limit, **self._args(where, filters))
+        off = self.wall_offset_ns()
         return [(Event.from_row(r, off), n, failed) for r, n, failed in rows], groups, matched
 
     def follow(self, after_seq: Optional[int] = None, timeout: Optional[float] = None,
@@ -291,9 +329,10 @@ class Monitor:
         read are skipped; compare seq numbers to see the gap."""
         last = self.seq_range()[1] if after_seq is None else after_seq
         deadline = None if timeout is None else time.monotonic() + timeout
-        q = dict(_compiled(where, filters))
+        q = self._args(where, filters)
         while deadline is None or time.monotonic() < deadline:
             q["after_seq"] = last
+            self._sync()
             rows, _ = self._store.query(1000, False, **q)
             if not rows:
                 time.sleep(POLL_MS / 1000)
@@ -304,6 +343,7 @@ class Monitor:
 
     def stats(self) -> dict:
         """captured = delivered + dropped: every connect the kernel saw is in one of them."""
+        self._sync()
         c = self._store.counters()
         probe = self._probe
         kernel = probe.drops() if probe is not None else dict.fromkeys(_core.DROP_REASONS, 0)
@@ -321,7 +361,7 @@ class Monitor:
             "size": c["size"],
             "capacity": self.capacity,
             "last_seq": c["last_seq"],
-            "oldest_timestamp": (to_datetime(oldest + wall_offset_ns())
+            "oldest_timestamp": (to_datetime(oldest + self.wall_offset_ns())
                                  if oldest is not None else None),
             "poll_lag_seconds": self.poll_lag(),
             "attached": probe is not None,

@@ -29,6 +29,16 @@ def _layout():
 
 RECORD, FIELDS = _layout()
 assert RECORD.size == _core.RECORD_SIZE
+# Synthetic monitors' clock runs this far ahead of the kernel's boot clock, so a record
+# of any age a test gives fits on it on a machine that booted a minute ago (a boot-clock
+# stamp cannot be negative), and every window and `since` a test asks for reaches back
+# over records as it would on a long-running host.
+CLOCK_SHIFT_NS = 30 * 86400 * 10**9
+
+
+def now_ns() -> int:
+    """Now on synthetic monitors' clock: what record(age=) counts back from."""
+    return _core.boot_ns() + CLOCK_SHIFT_NS
 
 
 def record(*, pid: int = 1000, tid: Optional[int] = None, uid: int = 0, comm: str = "test",
@@ -41,11 +51,11 @@ def record(*, pid: int = 1000, tid: Optional[int] = None, uid: int = 0, comm: st
            latency_us: int = 0, packets: int = 0) -> bytes:
     """One raw record. Defaults: a successful TCP connect to 127.0.0.1:80 just now.
     path= makes it AF_UNIX ('@name' for abstract); ip with ':' makes it AF_INET6;
-    age= is seconds before now (ignored when ts_ns is given). kind NETMON_KIND_TCP_OUTCOME
-    with sock_id makes a TCP outcome record (outcome NETMON_OUTCOME_ESTABLISHED, or
-    NETMON_OUTCOME_FAILED with ret)."""
+    age= is seconds before now_ns() (ignored when ts_ns is given, on that same clock).
+    kind NETMON_KIND_TCP_OUTCOME with sock_id makes a TCP outcome record (outcome
+    NETMON_OUTCOME_ESTABLISHED, or NETMON_OUTCOME_FAILED with ret)."""
     if ts_ns is None:
-        ts_ns = _core.boot_ns() - int(age * 1e9)
+        ts_ns = now_ns() - int(age * 1e9)
     if path is not None:
         fam = socket.AF_UNIX
         raw = b"\0" + path[1:].encode() if path.startswith("@") else path.encode()
@@ -72,5 +82,9 @@ def record(*, pid: int = 1000, tid: Optional[int] = None, uid: int = 0, comm: st
 
 
 def synthetic_monitor(capacity: int = 4096) -> Monitor:
-    """A Monitor with a store and no kernel side: feed it with inject(record(...))."""
-    return Monitor(capacity=capacity)
+    """A Monitor with a store and no kernel side, on the synthetic clock (now_ns()): feed
+    it with inject(record(...)). Its events' timestamps and its windows are wall-clock
+    right all the same."""
+    m = Monitor(capacity=capacity)
+    m._clock_shift_ns = CLOCK_SHIFT_NS
+    return m

@@ -5,10 +5,13 @@ import threading
 import time
 
 import pytest
+from helpers import call
 
-from netmon import Event, _core
+from netmon import Event, Monitor, _core
 from netmon.event import rfc3339, to_datetime, wall_offset_ns
-from netmon.testing import RECORD, record, synthetic_monitor
+from netmon.testing import RECORD, now_ns, record, synthetic_monitor
+from netmon.web import make_app
+from netmon.web.limits import MAX_DURATION
 
 
 def seqs(events):
@@ -85,7 +88,7 @@ def test_window_query_does_not_see_records_outside_it():
     An out-of-order record planted before the window (ring order) but stamped inside it
     (time) proves it: a full scan would count it, the window query does not."""
     m = synthetic_monitor(64)
-    now = _core.boot_ns()
+    now = now_ns()
     m.inject(record(ts_ns=now - 5 * 10**9, pid=3))
     for i in range(10):
         m.inject(record(ts_ns=now - (100 - i) * 10**9, pid=1))
@@ -224,7 +227,8 @@ def test_wall_clock_conversion():
     boot_now = _core.boot_ns()
     assert abs((boot_now + off) - real_now) < 5_000_000  # same instant within 5 ms
     m = synthetic_monitor(4)
-    m.inject(record(ts_ns=boot_now))
+    assert abs((m.clock_ns() + m.wall_offset_ns()) - real_now) < 5_000_000
+    m.inject(record(ts_ns=m.clock_ns()))
     (ev,) = m.events()
     assert ev.timestamp.tzinfo == dt.timezone.utc
     assert abs(ev.timestamp.timestamp() - real_now / 1e9) < 0.005
@@ -361,3 +365,21 @@ def test_top_groups_counts_and_failures():
     assert [(e.error, n, f) for e, n, f in m.top("error", 10)[0]] == [("ECONNREFUSED", 3, 3)]
     with pytest.raises(ValueError):
         m.top("nonsense", 10)
+
+
+def test_windows_reaching_before_boot_hold_everything_since_boot():
+    """On the kernel's own clock (no synthetic shift), a window or `since` longer than the
+    host has been up is valid: it clamps to boot and holds everything; `until` before boot
+    holds nothing. Fifty years is more than any uptime."""
+    m = Monitor(capacity=16)  # the kernel's clock, as a real monitor's
+    m.inject(record(ts_ns=_core.boot_ns() - 10**9, pid=5))
+    long_ago = dt.timedelta(days=365 * 50)
+    assert m.count(since=long_ago) == 1
+    assert m.count(since=dt.datetime(1971, 1, 1, tzinfo=dt.timezone.utc)) == 1
+    assert m.count(until=long_ago) == 0
+    assert m.count(since=long_ago, until=dt.timedelta(0)) == 1
+    app = make_app(m)
+    reply = call(app, "POST", "/api/connection-summary", {"pid": 5, "duration": MAX_DURATION})
+    assert reply.status == 200 and reply.body["total_attempts"] == 1
+    reply = call(app, "GET", "/api/events", query="since=999999999h")
+    assert reply.status == 200 and reply.body["count"] == 1

@@ -10,7 +10,7 @@ from helpers import child_env, netmon_command, run_child
 
 from netmon import cli
 from netmon.cli import trace
-from netmon.event import Event, wall_offset_ns
+from netmon.event import Event
 from netmon.testing import record, synthetic_monitor
 
 
@@ -56,7 +56,7 @@ def test_columns_line_up():
     assert lines[2].split()[1:] == ["7", "busctl", "unix", "/run/dbus/system_bus_socket",
                                     "UNIX", "ok"]
     assert lines[3].split()[1:] == ["123456", "dig", "inet6", "[::1]:53", "UDP", "sent", "3"]
-    ev = Event.from_row(mon._store.query(1, True)[0][0], wall_offset_ns())
+    ev = Event.from_row(mon._store.query(1, True)[0][0], mon.wall_offset_ns())
     assert trace.line(ev).split()[0] == ev.timestamp.strftime("%H:%M:%S.%f")
 
 

@@ -43,7 +43,7 @@ LOADGEN = OUT / "loadgen"
 PY = sys.executable
 NETMON = str(Path(PY).parent / "netmon")
 PAIRS = int(os.environ.get("BENCH_PAIRS", "10"))
-ONLY = os.environ.get("BENCH_ONLY", "loads,queries,server").split(",")  # parts to run
+ONLY = os.environ.get("BENCH_ONLY", "loads,queries,server,sync").split(",")  # parts to run
 CPUS = sorted(os.sched_getaffinity(0))
 LOAD_CPU = CPUS[0]
 MON_CPU = CPUS[1] if len(CPUS) > 1 else None  # one core: no pinning of the monitor
@@ -369,20 +369,19 @@ def bench_loads(res: dict, bpftrace: bool) -> None:
 def serve_full() -> None:
     """Child process: a Monitor with a full synthetic store (no kernel attach), served
     through netmon's own app and server on an ephemeral loopback port."""
-    from netmon import Monitor, _core
-    from netmon.testing import record
+    from netmon.testing import now_ns, record, synthetic_monitor
     from netmon.web import make_app
     from netmon.web.server import Server, ShutdownSignals
 
     t0 = time.monotonic()
-    m = Monitor(capacity=FULL_EVENTS)
+    m = synthetic_monitor(FULL_EVENTS)
     rng = random.Random(5)
     dests = [(f"10.{d >> 8}.{d & 255}.{1 + d % 7}", (443, 80, 53, 5432, 8080)[d % 5])
              for d in range(FULL_DESTS)]
     # Events span the FULL_SPAN_S before the fill starts (it takes ~3 s). The queries run
     # for ~60 s in all, top first: its 60 s window must still hold every event (checked).
     span = FULL_SPAN_S * 1e9
-    start = _core.boot_ns() - int(span)
+    start = now_ns() - int(span)
     for i in range(FULL_EVENTS):
         pid = 1000 + rng.randrange(FULL_PIDS)
         ip, port = dests[rng.randrange(FULL_DESTS)]
@@ -439,6 +438,45 @@ def bench_queries(res: dict) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+# ---------------------------------------------------------- read-your-writes: its cost
+
+SYNC_CALLS = 20000
+
+
+def bench_sync(res: dict) -> None:
+    """What the read-your-writes sync adds to a query when nothing is pending: an idle,
+    empty store in this process, Monitor.count() (sync, then the store) alternated call by
+    call with the same store query without the sync."""
+    from netmon import Monitor
+
+    with Monitor(capacity=1024) as m:
+        with_sync, without = [], []
+        for _ in range(SYNC_CALLS):
+            t0 = time.perf_counter_ns()
+            m.count()
+            t1 = time.perf_counter_ns()
+            m._store.count(**m._args(None, {}))
+            t2 = time.perf_counter_ns()
+            with_sync.append(t1 - t0)
+            without.append(t2 - t1)
+    res["sync"] = {k: {"p50_us": pct(v, 0.5) / 1e3, "p99_us": pct(v, 0.99) / 1e3}
+                   for k, v in (("with", with_sync), ("without", without))}
+    print(f"  sync: {res['sync']}", flush=True)
+
+
+def sync_row(t: Table, res: dict) -> None:
+    e = res.get("sync")
+    what = "Read-your-writes sync, nothing pending: Monitor.count() on an idle store p50 / p99"
+    if e is None:
+        t.row(what, "not run", "≤ 1 µs added")
+        return
+    w, wo = e["with"], e["without"]
+    added = w["p50_us"] - wo["p50_us"]
+    t.row(what, f"{w['p50_us']:.2f} / {w['p99_us']:.2f} µs with, {wo['p50_us']:.2f} / "
+          f"{wo['p99_us']:.2f} µs without (+{added:.2f} µs at p50)", "≤ 1 µs added",
+          added <= 1.0)
 
 
 # ---------------------------------------------------------- server: memory, throughput
@@ -808,6 +846,7 @@ def summarize(res: dict) -> tuple:
     for name, runs in res["loads"].items():
         summ[name], verdict[name] = load_rows(t, name, runs)
     query_rows(t, res)
+    sync_row(t, res)
     server_rows(t, res, summ)
     lifecycle_rows(t, res, summ)
     notes = foreign_hooks_note(res, summ) + verdict_note(verdict, summ)
@@ -829,7 +868,8 @@ def summarize(res: dict) -> tuple:
 def run_parts(res: dict, bpftrace: bool) -> None:
     for part, fn in (("loads", lambda: bench_loads(res, bpftrace)),
                      ("queries", lambda: bench_queries(res)),
-                     ("server", lambda: bench_server(res))):
+                     ("server", lambda: bench_server(res)),
+                     ("sync", lambda: bench_sync(res))):
         if part in ONLY:
             fn()
 
