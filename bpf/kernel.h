@@ -38,6 +38,7 @@ struct inode {
 struct file {
 	struct inode *f_inode;
 	void *private_data;
+	unsigned int f_flags;
 };
 
 struct fdtable {
@@ -69,14 +70,18 @@ struct sock_common {
 	possible_net_t skc_net;
 };
 
+struct socket;
+
 struct sock {
 	struct sock_common __sk_common;
 	__u16 sk_protocol; /* a plain u16 since Linux 5.6 */
 	int sk_err;
+	struct socket *sk_socket;
 };
 
 struct socket {
 	short type;
+	struct file *file;
 	struct sock *sk;
 };
 

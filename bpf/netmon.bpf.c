@@ -7,8 +7,10 @@
  * closed) and sends its outcome, which the store joins to the connect by socket.
  * The cgroup backend replaces the two syscall tracepoints with cgroup/connect4, connect6
  * and connect_unix hooks on the cgroup v2 root: no cost to other syscalls, and connects
- * made through io_uring are seen; the hooks run before the connect, so they cannot know
- * its result (the TCP outcome supplies it). Optional cgroup/sendmsg4/6 hooks count
+ * made through io_uring are seen; the hooks run before the connect, so they know what it
+ * returns only for a TCP socket whose file is non-blocking (EINPROGRESS, unless it fails
+ * before the handshake starts); a blocking TCP connect returns what its handshake came
+ * to, which the TCP outcome supplies; unix and UDP stay unknown. Optional cgroup/sendmsg4/6 hooks count
  * unconnected UDP datagrams per (process, destination) in a map the consumer sweeps.
  * Wake-ups are batched: a record is submitted without waking the consumer unless
  * wakeup_bytes are already waiting; the consumer drains on a short timer. */
@@ -28,7 +30,9 @@
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT 2
 #define EEXIST 17
+#define ECONNABORTED 103
 #define EINPROGRESS 115
+#define O_NONBLOCK 04000
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -307,6 +311,8 @@ int netmon_tcp_state(struct bpf_raw_tracepoint_args *ctx)
 	} else {
 		e->outcome = NETMON_OUTCOME_FAILED;
 		e->ret = -BPF_CORE_READ((struct sock *)sk, sk_err);
+		if (!e->ret) /* closed during the handshake without an error: abandoned */
+			e->ret = -ECONNABORTED;
 	}
 	submit(e);
 	bpf_map_delete_elem(&syn_sent, &sk);
@@ -333,8 +339,16 @@ static __always_inline struct netmon_event *hook_event(struct bpf_sock_addr *ctx
 	sk = BPF_CORE_READ(kctx, sk);
 	e->sock_id = (__u64)sk;
 	e->net_ns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
-	if (e->protocol == IPPROTO_TCP)
+	if (e->protocol == IPPROTO_TCP) {
 		e->outcome = NETMON_OUTCOME_PENDING;
+		/* the hook runs only for a socket that starts connecting: on a non-blocking
+		 * file, connect() returns EINPROGRESS unless it fails before the SYN (a
+		 * route lookup); no file (a kernel socket): unknown */
+		if (BPF_CORE_READ(sk, sk_socket, file, f_flags) & O_NONBLOCK) {
+			e->ret = -EINPROGRESS;
+			e->flags = 0;
+		}
+	}
 	return e;
 }
 

@@ -13,7 +13,10 @@
 #define NETMON_F_TRUNCATED 0x1 /* unix: more path bytes followed the kept ones (for a
 				  pathname, only if the kept bytes hold no NUL) */
 #define NETMON_F_NO_ADDR   0x2 /* the sockaddr could not be read from user memory */
-#define NETMON_F_NO_RESULT 0x4 /* the hook cannot know the result: ret is meaningless */
+#define NETMON_F_NO_RESULT 0x4 /* the hook cannot know what connect() returned: ret is
+				  meaningless until a TCP outcome supplies it */
+#define NETMON_F_INPROGRESS 0x8 /* connect() returned -EINPROGRESS: ret then follows the
+				   handshake (the store sets this flag; see ret) */
 
 enum netmon_kind {
 	NETMON_KIND_CONNECT = 1,     /* a connect() attempt */
@@ -67,7 +70,10 @@ struct netmon_event {
 	__u32 pid;        /* tgid */
 	__u32 tid;
 	__u32 uid;
-	__s32 ret;        /* connect() return value: 0 or -errno (outcome: 0 or -sk_err) */
+	__s32 ret;        /* connect() return value: 0 or -errno. Once the store has set
+			     NETMON_F_INPROGRESS: the attempt so far, -EINPROGRESS while the
+			     handshake runs, 0 once established, -errno once it failed.
+			     (outcome record: 0 or -sk_err, -ECONNABORTED if none) */
 	__u32 net_ns;     /* network namespace inode number; 0 if unknown */
 	__u32 latency_us; /* TCP outcome: SYN sent -> established/failed */
 	__u32 packets;    /* udp_send: datagrams in this record's second */

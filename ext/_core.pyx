@@ -29,6 +29,8 @@ cdef extern from "store.h" nogil:
         NM_Q_RET
         NM_Q_DEST
         NM_Q_KIND
+        NM_Q_PENDING
+        NM_Q_UNKNOWN
     struct nm_filter:
         uint32_t mask
         uint32_t pid
@@ -54,6 +56,14 @@ cdef extern from "store.h" nogil:
     enum:
         NM_ATTEMPT_SLOTS
         NM_RET_UNKNOWN
+        NM_RET_PENDING
+        NM_RET_OTHER
+    enum:  # enum nm_result
+        NM_R_OK
+        NM_R_ERROR
+        NM_R_PENDING
+        NM_R_UNKNOWN
+    int nm_result(const netmon_event *e)
     struct nm_attempt:
         uint16_t family
         uint16_t protocol
@@ -69,10 +79,14 @@ cdef extern from "store.h" nogil:
         uint64_t evicted
         uint64_t malformed
         uint64_t unmatched
+        uint64_t in_flight
         uint64_t oldest_ts
     nm_counters nm_store_counters(nm_store *s)
     int nm_store_query(nm_store *s, const nm_filter *f, uint64_t limit, int newest,
                        nm_hit **out, uint64_t *n, uint64_t *matched)
+    int nm_store_follow(nm_store *s, const nm_filter *f, uint64_t limit, uint64_t hold_ns,
+                        nm_hit **out, uint64_t *n, uint64_t *upto, uint64_t *holder,
+                        uint64_t *oldest)
     int nm_store_latest_per_pid(nm_store *s, const nm_filter *f, uint64_t per_pid,
                                 uint64_t max_total, nm_hit **out, uint64_t *n, uint64_t *pids,
                                 int *truncated)
@@ -191,8 +205,8 @@ RECORD_FIELDS = _record_fields()
 COMM_LEN = NETMON_COMM_LEN
 ADDR_LEN = NETMON_ADDR_LEN
 # bpf/netmon.h's values, under their C names
-NETMON_F_TRUNCATED, NETMON_F_NO_ADDR, NETMON_F_NO_RESULT = (
-    nm.NETMON_F_TRUNCATED, nm.NETMON_F_NO_ADDR, nm.NETMON_F_NO_RESULT)
+NETMON_F_TRUNCATED, NETMON_F_NO_ADDR, NETMON_F_NO_RESULT, NETMON_F_INPROGRESS = (
+    nm.NETMON_F_TRUNCATED, nm.NETMON_F_NO_ADDR, nm.NETMON_F_NO_RESULT, nm.NETMON_F_INPROGRESS)
 NETMON_KIND_CONNECT, NETMON_KIND_UDP_SEND, NETMON_KIND_TCP_OUTCOME = (
     nm.NETMON_KIND_CONNECT, nm.NETMON_KIND_UDP_SEND, nm.NETMON_KIND_TCP_OUTCOME)
 NETMON_BACKEND_SYSCALL, NETMON_BACKEND_CGROUP = (
@@ -204,6 +218,11 @@ DROP_REASONS = ("ringbuf_full", "inflight_full", "no_enter", "outcome_ringbuf_fu
                 "udp_flows_full")
 BPF_CGROUP_UNIX_CONNECT = 49  # Linux 6.7+; not in libbpf 1.1's headers
 TOP_BY = ("destination", "command", "pid", "port", "error")
+# what happened to an attempt (ext/store.h, nm_result), by the code a row carries
+RESULTS = {NM_R_OK: "ok", NM_R_ERROR: "error", NM_R_PENDING: "pending",
+           NM_R_UNKNOWN: "unknown"}
+# the attempt counters' result keys that are not 0 (ok) or -errno
+RET_UNKNOWN, RET_PENDING, RET_OTHER = NM_RET_UNKNOWN, NM_RET_PENDING, NM_RET_OTHER
 assert len(DROP_REASONS) == nm.NETMON_DROP_MAX
 
 
@@ -244,7 +263,7 @@ cdef tuple _row(uint64_t seq, netmon_event *e):
             e.sock_type, e.protocol, e.flags,
             PyBytes_FromStringAndSize(e.comm, comm_len),
             PyBytes_FromStringAndSize(<char *>e.addr, min(e.addr_len, NETMON_ADDR_LEN)),
-            e.kind, e.backend, e.outcome, e.net_ns, e.latency_us, e.packets)
+            e.kind, e.backend, e.outcome, e.net_ns, e.latency_us, e.packets, nm_result(e))
 
 
 cdef list _rows(nm_hit *hits, uint64_t n):
@@ -258,7 +277,8 @@ cdef list _rows(nm_hit *hits, uint64_t n):
 cdef class Store:
     """Fixed-capacity ring of records; see ext/store.h. Rows are tuples:
     (seq, ts_ns, cgroup_id, pid, tid, uid, ret, family, port, sock_type, protocol, flags,
-    comm bytes, addr bytes, kind, backend, outcome, net_ns, latency_us, packets)."""
+    comm bytes, addr bytes, kind, backend, outcome, net_ns, latency_us, packets, result
+    (a key of RESULTS))."""
     cdef nm_store s
     cdef readonly uint64_t capacity
 
@@ -286,22 +306,22 @@ cdef class Store:
             c = nm_store_counters(&self.s)
         return {"delivered": c.head, "size": c.size, "evicted": c.evicted,
                 "malformed": c.malformed, "outcomes_unmatched": c.unmatched,
+                "in_flight": c.in_flight,
                 "oldest_ts_ns": c.oldest_ts if c.size else None, "last_seq": c.head}
 
     def attempts(self):
-        """({(family, protocol, ret or None if unknown): count}, other): connect attempts
-        ever pushed, never forgotten (monotonic); other = those past the table's size."""
+        """({(family, protocol, key): count}, other): connect attempts ever counted, by what
+        happened to them (key: 0 ok, -errno failed, RET_UNKNOWN, RET_PENDING, RET_OTHER),
+        never forgotten (monotonic); other = those past the table's size."""
         cdef nm_attempt a[NM_ATTEMPT_SLOTS]
         cdef uint64_t other = 0, n, i
         with nogil:
             n = nm_store_attempts(&self.s, a, &other)
-        return {(a[i].family, a[i].protocol,
-                 None if a[i].ret == NM_RET_UNKNOWN else a[i].ret): a[i].count
-                for i in range(n)}, other
+        return {(a[i].family, a[i].protocol, a[i].ret): a[i].count for i in range(n)}, other
 
     cdef int _filter(self, nm_filter *f, dict q) except -1:
-        """q: pid, comm, kind, family, protocol, port, result ("ok", "error" or a return
-        code), dest ((family, address bytes, prefix: bits for inet, bytes for unix)),
+        """q: pid, comm, kind, family, protocol, port, result ("ok", "error", "pending",
+        "unknown" or -errno: the errno the error field names), dest ((family, address bytes, prefix: bits for inet, bytes for unix)),
         since_ns, until_ns, after_seq; None or absent = any."""
         memset(f, 0, sizeof(nm_filter))
         pid, comm, family = q.get("pid"), q.get("comm"), q.get("family")
@@ -340,6 +360,10 @@ cdef class Store:
             f.mask |= NM_Q_OK
         elif result == "error":
             f.mask |= NM_Q_ERROR
+        elif result == "pending":
+            f.mask |= NM_Q_PENDING
+        elif result == "unknown":
+            f.mask |= NM_Q_UNKNOWN
         elif result is not None:
             f.mask |= NM_Q_RET
             f.ret = result
@@ -362,6 +386,26 @@ cdef class Store:
             raise MemoryError()
         try:
             return _rows(hits, n), matched
+        finally:
+            free(hits)
+
+    def follow(self, uint64_t limit, uint64_t hold_ns, **q):
+        """(rows, upto, holder, oldest): the oldest `limit` rows matching q after its
+        after_seq, stopping before a pending TCP handshake recorded at or after hold_ns
+        (see nm_store_follow); upto: the next cursor; holder: the seq that stopped it or
+        0; oldest: the oldest seq held."""
+        cdef nm_filter f
+        cdef nm_hit *hits = NULL
+        cdef uint64_t n = 0, upto = 0, holder = 0, oldest = 0
+        cdef int err
+        self._filter(&f, q)
+        with nogil:
+            err = nm_store_follow(&self.s, &f, limit, hold_ns, &hits, &n, &upto, &holder,
+                                  &oldest)
+        if err:
+            raise MemoryError()
+        try:
+            return _rows(hits, n), upto, holder, oldest
         finally:
             free(hits)
 

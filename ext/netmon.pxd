@@ -11,6 +11,7 @@ cdef extern from "netmon.h" nogil:
         NETMON_F_TRUNCATED
         NETMON_F_NO_ADDR
         NETMON_F_NO_RESULT
+        NETMON_F_INPROGRESS
 
     enum netmon_kind:
         NETMON_KIND_CONNECT

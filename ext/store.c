@@ -81,12 +81,49 @@ static inline uint64_t join_slot(uint64_t sock_id)
 	return mix(sock_id >> 4) & (NM_JOIN_SLOTS - 1);
 }
 
+#define NM_ATTEMPT_PROBES 16
+
+/* caller holds the lock; a bounded probe, so a flood of odd families costs no more */
+static void count_key(struct nm_store *s, uint16_t family, uint16_t protocol, int32_t ret)
+{
+	uint32_t h = mix((uint64_t)family << 48 | (uint64_t)protocol << 32 | (uint32_t)ret) >> 56;
+
+	for (unsigned i = 0; i < NM_ATTEMPT_PROBES; i++) {
+		struct nm_attempt *a = &s->attempts[(h + i) % NM_ATTEMPT_SLOTS];
+
+		if (!a->count) {
+			a->family = family;
+			a->protocol = protocol;
+			a->ret = ret;
+		} else if (a->family != family || a->protocol != protocol || a->ret != ret) {
+			continue;
+		}
+		a->count++;
+		return;
+	}
+	s->attempts_other++;
+}
+
+/* caller holds the lock: count a connect attempt by what happened to it */
+static void count_attempt(struct nm_store *s, const struct netmon_event *e)
+{
+	static const int32_t keys[] = {[NM_R_OK] = 0, [NM_R_PENDING] = NM_RET_PENDING,
+				       [NM_R_UNKNOWN] = NM_RET_UNKNOWN};
+	int r = nm_result(e);
+	int32_t ret = r != NM_R_ERROR ? keys[r] : e->ret < 0 ? e->ret : NM_RET_OTHER;
+
+	count_key(s, e->family, e->protocol, ret);
+}
+
+/* the handshake's outcome o, applied to its connect event e. The return code stays what
+ * connect() returned, except where it was EINPROGRESS (ret then says how the attempt
+ * ended) or unknown (a blocking connect returns what its handshake came to). */
 static void apply_outcome(struct netmon_event *e, const struct netmon_event *o)
 {
 	e->outcome = o->outcome;
 	e->latency_us = o->latency_us;
-	if (e->flags & NETMON_F_NO_RESULT) { /* the hook could not know: the outcome can */
-		e->ret = o->ret;
+	if (e->flags & (NETMON_F_NO_RESULT | NETMON_F_INPROGRESS)) {
+		e->ret = o->outcome == NETMON_OUTCOME_FAILED ? o->ret : 0;
 		e->flags &= ~NETMON_F_NO_RESULT;
 	}
 }
@@ -97,14 +134,21 @@ static void push_outcome(struct nm_store *s, const struct netmon_event *o)
 	struct nm_join *w = &s->waiting[join_slot(o->sock_id)];
 	struct netmon_event *early;
 
-	if (w->sock_id == o->sock_id && w->seq + held(s) > s->head) {
+	if (w->sock_id == o->sock_id) {
 		struct netmon_event *e = &s->ring[(w->seq - 1) % s->capacity];
 
-		if (e->sock_id == o->sock_id) {
+		w->sock_id = 0;
+		s->in_flight--;
+		if (w->seq + held(s) > s->head && e->sock_id == o->sock_id) {
 			apply_outcome(e, o);
-			w->sock_id = 0;
+			count_attempt(s, e);
 			return;
 		}
+		/* its event was overwritten: the attempt is still counted by its outcome */
+		count_key(s, w->family, IPPROTO_TCP, o->outcome == NETMON_OUTCOME_FAILED ?
+			  o->ret : 0);
+		s->unmatched++;
+		return;
 	}
 	/* the connect event is not here yet (a blocking connect's record comes at
 	 * syscall exit, after its handshake): keep the outcome for it */
@@ -114,7 +158,9 @@ static void push_outcome(struct nm_store *s, const struct netmon_event *o)
 	*early = *o;
 }
 
-/* caller holds the lock; e is the stored copy with sequence seq */
+/* caller holds the lock; e is the stored copy with sequence seq, a TCP connect with a
+ * socket: takes an outcome that came first, else waits for it if the handshake is
+ * pending. Counts the attempt once what happened is known. */
 static void join_connect(struct nm_store *s, struct netmon_event *e, uint64_t seq)
 {
 	struct netmon_event *early = &s->early[join_slot(e->sock_id)];
@@ -123,36 +169,18 @@ static void join_connect(struct nm_store *s, struct netmon_event *e, uint64_t se
 	if (early->sock_id == e->sock_id) {
 		apply_outcome(e, early);
 		early->sock_id = 0;
+	}
+	if (e->outcome != NETMON_OUTCOME_PENDING) {
+		count_attempt(s, e);
 		return;
 	}
 	w = &s->waiting[join_slot(e->sock_id)];
-	w->sock_id = e->sock_id;
-	w->seq = seq;
-}
-
-#define NM_ATTEMPT_PROBES 16
-
-/* caller holds the lock; a bounded probe, so a flood of odd families costs no more */
-static void count_attempt(struct nm_store *s, const struct netmon_event *e)
-{
-	int32_t ret = e->flags & NETMON_F_NO_RESULT ? NM_RET_UNKNOWN : e->ret;
-	uint32_t h = mix((uint64_t)e->family << 48 | (uint64_t)e->protocol << 32 | (uint32_t)ret)
-		     >> 56;
-
-	for (unsigned i = 0; i < NM_ATTEMPT_PROBES; i++) {
-		struct nm_attempt *a = &s->attempts[(h + i) % NM_ATTEMPT_SLOTS];
-
-		if (!a->count) {
-			a->family = e->family;
-			a->protocol = e->protocol;
-			a->ret = ret;
-		} else if (a->family != e->family || a->protocol != e->protocol || a->ret != ret) {
-			continue;
-		}
-		a->count++;
-		return;
+	if (w->sock_id) { /* displaced: its outcome can no longer be joined */
+		count_key(s, w->family, IPPROTO_TCP, NM_RET_PENDING);
+		s->in_flight--;
 	}
-	s->attempts_other++;
+	*w = (struct nm_join){e->sock_id, seq, e->family};
+	s->in_flight++;
 }
 
 uint64_t nm_store_attempts(struct nm_store *s, struct nm_attempt *out, uint64_t *other)
@@ -190,10 +218,14 @@ int nm_store_push(struct nm_store *s, const void *data, size_t size)
 		s->keys[slot].pid = e->pid;
 		s->keys[slot].tag = comm_tag(e->comm) | e->kind;
 		s->head++;
-		if (e->kind == NETMON_KIND_CONNECT)
-			count_attempt(s, e);
-		if (e->sock_id && e->protocol == IPPROTO_TCP && e->kind == NETMON_KIND_CONNECT)
-			join_connect(s, e, s->head);
+		if (e->kind == NETMON_KIND_CONNECT) {
+			if (!(e->flags & NETMON_F_NO_RESULT) && e->ret == -EINPROGRESS)
+				e->flags |= NETMON_F_INPROGRESS;
+			if (e->sock_id && e->protocol == IPPROTO_TCP)
+				join_connect(s, e, s->head);
+			else
+				count_attempt(s, e);
+		}
 	}
 	pthread_mutex_unlock(&s->lock);
 	return 0;
@@ -210,7 +242,8 @@ struct nm_counters nm_store_counters(struct nm_store *s)
 	struct nm_counters c;
 
 	pthread_mutex_lock(&s->lock);
-	c = (struct nm_counters){s->head, held(s), s->evicted, s->malformed, s->unmatched, 0};
+	c = (struct nm_counters){s->head, held(s), s->evicted, s->malformed, s->unmatched,
+				 s->in_flight, 0};
 	if (c.size)
 		c.oldest_ts = at(s, s->head - c.size + 1, 0)->ts_ns;
 	pthread_mutex_unlock(&s->lock);
@@ -252,15 +285,31 @@ static void window(const struct nm_store *s, const struct nm_filter *f, uint64_t
 		*hi = *lo;
 }
 
-/* a failed attempt: the handshake failed, or (not a TCP handshake) the call returned an
- * error; EINPROGRESS with the handshake pending or done is not a failure */
-static int nm_failed(const struct netmon_event *e)
+/* a failed attempt: the handshake failed, or connect() returned an error */
+static inline int nm_failed(const struct netmon_event *e)
 {
-	if (e->outcome == NETMON_OUTCOME_FAILED)
-		return 1;
-	if (e->outcome != NETMON_OUTCOME_NONE || (e->flags & NETMON_F_NO_RESULT))
+	return nm_result(e) == NM_R_ERROR;
+}
+
+/* the result part of a filter: what happened to the attempt (see nm_result) */
+static inline int result_match(uint32_t m, int32_t want, const struct netmon_event *e)
+{
+	int r = nm_result(e);
+
+	if ((m & NM_Q_OK) && r != NM_R_OK)
 		return 0;
-	return e->ret != 0;
+	if ((m & NM_Q_ERROR) && r != NM_R_ERROR)
+		return 0;
+	if ((m & NM_Q_PENDING) && r != NM_R_PENDING)
+		return 0;
+	if ((m & NM_Q_UNKNOWN) && r != NM_R_UNKNOWN)
+		return 0;
+	if (m & NM_Q_RET) { /* the errno the event's error field names */
+		if (want == 0)
+			return r == NM_R_OK;
+		return r != NM_R_OK && !(e->flags & NETMON_F_NO_RESULT) && e->ret == want;
+	}
+	return 1;
 }
 
 static int dest_match(const struct nm_filter *f, const struct netmon_event *e)
@@ -279,7 +328,6 @@ static int dest_match(const struct nm_filter *f, const struct netmon_event *e)
 static inline int match(const struct nm_filter *f, const struct netmon_event *e)
 {
 	uint32_t m = f->mask;
-	int known = !(e->flags & NETMON_F_NO_RESULT);
 
 	if (!m)
 		return 1;
@@ -295,15 +343,9 @@ static inline int match(const struct nm_filter *f, const struct netmon_event *e)
 		return 0;
 	if ((m & NM_Q_PORT) && e->port != f->port)
 		return 0;
-	if ((m & NM_Q_OK) && !(known && e->ret == 0))
-		return 0;
-	if ((m & NM_Q_ERROR) && !(known && e->ret != 0))
-		return 0;
-	if ((m & NM_Q_RET) && !(known && e->ret == f->ret))
-		return 0;
 	if ((m & NM_Q_DEST) && !dest_match(f, e))
 		return 0;
-	return 1;
+	return !(m & NM_Q_RESULT) || result_match(m, f->ret, e);
 }
 
 /* the part of a filter the key column can answer */
@@ -438,6 +480,61 @@ int nm_store_query(struct nm_store *s, const struct nm_filter *f, uint64_t limit
 		*n = h.n;
 	if (matched)
 		*matched = count;
+	return 0;
+}
+
+/* would the record hold a follower back: a TCP handshake still pending, recent enough to
+ * wait for, that matches the filter but for its result */
+static inline int holds(const struct nm_filter *f, const struct netmon_event *e,
+			uint64_t hold_ns)
+{
+	struct nm_filter any = *f;
+
+	if (!hold_ns || e->outcome != NETMON_OUTCOME_PENDING || e->ts_ns < hold_ns)
+		return 0;
+	any.mask &= ~NM_Q_RESULT;
+	return match(&any, e);
+}
+
+int nm_store_follow(struct nm_store *s, const struct nm_filter *f, uint64_t limit,
+		    uint64_t hold_ns, struct nm_hit **out, uint64_t *n, uint64_t *upto,
+		    uint64_t *holder, uint64_t *oldest)
+{
+	struct hits h = {0};
+	uint64_t first, lo, hi;
+	struct prefilter p = prefilter_of(f); /* no result in the key column: serves holds too */
+	int err = 0;
+
+	*holder = 0;
+	pthread_mutex_lock(&s->lock);
+	window(s, f, &first, &lo, &hi);
+	*oldest = first;
+	*upto = first + lo - 1; /* complete up to the window's start */
+	for (struct cursor c = walk(s, first, lo, hi, 0); c.left; step(s, &c)) {
+		const struct netmon_event *e;
+
+		if (!prematch(&p, &s->keys[c.slot])) {
+			*upto = first + c.i;
+			continue;
+		}
+		e = &s->ring[c.slot];
+		if (holds(f, e, hold_ns)) {
+			*holder = first + c.i;
+			break;
+		}
+		*upto = first + c.i;
+		if (match(f, e) && (err = hits_add(&h, first + c.i, e)))
+			break;
+		if (limit && h.n == limit)
+			break;
+	}
+	pthread_mutex_unlock(&s->lock);
+	if (err) {
+		free(h.v);
+		return err;
+	}
+	*out = h.v;
+	*n = h.n;
 	return 0;
 }
 

@@ -14,18 +14,50 @@
 
 #define NM_JOIN_SLOTS 65536 /* TCP handshakes in flight the join can track */
 #define NM_ATTEMPT_SLOTS 256 /* distinct (family, protocol, result) the counters keep */
-#define NM_RET_UNKNOWN 1     /* the result key of an attempt whose hook could not know it */
+/* result keys of the attempt counters besides 0 (ok) and -errno (failed with it) */
+#define NM_RET_UNKNOWN 1 /* the backend cannot tell what happened */
+#define NM_RET_PENDING 2 /* its handshake's outcome can no longer be joined to it */
+#define NM_RET_OTHER 3   /* failed with no errno (a malformed record) */
+
+/* What happened to a connect attempt, the same way on both backends: the filters, top's
+ * failures and the attempt counters all use this. */
+enum nm_result {
+	NM_R_OK = 0,      /* connected: 0, or EINPROGRESS and then established */
+	NM_R_ERROR = 1,   /* failed: connect() returned an error, or the handshake failed */
+	NM_R_PENDING = 2, /* the handshake has no outcome yet */
+	NM_R_UNKNOWN = 3, /* the backend cannot tell (cgroup hooks on unix and UDP) */
+};
+
+static inline int nm_result(const struct netmon_event *e)
+{
+	switch (e->outcome) {
+	case NETMON_OUTCOME_ESTABLISHED:
+		return NM_R_OK;
+	case NETMON_OUTCOME_FAILED:
+		return NM_R_ERROR;
+	case NETMON_OUTCOME_PENDING:
+		return NM_R_PENDING;
+	}
+	/* no handshake tracked: unknown if the hook could not know, or if EINPROGRESS
+	 * came from a protocol whose handshake nobody times (SCTP) */
+	if (e->flags & (NETMON_F_NO_RESULT | NETMON_F_INPROGRESS))
+		return NM_R_UNKNOWN;
+	return e->ret ? NM_R_ERROR : NM_R_OK;
+}
 
 struct nm_join {
 	uint64_t sock_id;
-	uint64_t seq; /* connect event waiting for its outcome */
+	uint64_t seq;    /* connect event waiting for its outcome */
+	uint16_t family; /* its family: counts it even once the ring has forgotten it */
 };
 
-/* connect attempts ever pushed with this (family, protocol, ret): monotonic, unlike the
- * ring, which forgets; for metrics. count 0 = free slot */
+/* connect attempts ever counted with this (family, protocol, result key): monotonic,
+ * unlike the ring, which forgets; for metrics. An attempt is counted once what happened
+ * is known: at once, or when its TCP handshake's outcome joins it (or can no longer).
+ * count 0 = free slot */
 struct nm_attempt {
 	uint16_t family, protocol;
-	int32_t ret; /* 0, -errno or NM_RET_UNKNOWN */
+	int32_t ret; /* 0 ok, -errno failed with it, or an NM_RET_* key */
 	uint64_t count;
 };
 
@@ -45,6 +77,7 @@ struct nm_store {
 	uint64_t evicted;   /* records overwritten before anyone could ask for them */
 	uint64_t malformed; /* records of the wrong size or kind, not stored */
 	uint64_t unmatched; /* TCP outcomes whose connect event was never seen / gone */
+	uint64_t in_flight; /* TCP attempts waiting for their outcome: not counted yet */
 	struct nm_join *waiting;          /* sock_id -> connect event awaiting its outcome */
 	struct netmon_event *early;       /* sock_id -> outcome that came before its connect */
 	struct nm_attempt attempts[NM_ATTEMPT_SLOTS];
@@ -58,11 +91,14 @@ enum {
 	NM_Q_FAMILY = 1 << 2,
 	NM_Q_PROTOCOL = 1 << 3,
 	NM_Q_PORT = 1 << 4,
-	NM_Q_OK = 1 << 5,    /* ret == 0 (and the hook knew the result) */
-	NM_Q_ERROR = 1 << 6, /* ret != 0 (and the hook knew the result) */
-	NM_Q_RET = 1 << 7,   /* ret == filter.ret */
+	NM_Q_OK = 1 << 5,    /* nm_result() == NM_R_OK */
+	NM_Q_ERROR = 1 << 6, /* nm_result() == NM_R_ERROR */
+	NM_Q_RET = 1 << 7,   /* the error field's errno == -filter.ret (0: as NM_Q_OK) */
 	NM_Q_DEST = 1 << 8,  /* inet: address within addr/prefix; unix: path starts with addr */
 	NM_Q_KIND = 1 << 9,
+	NM_Q_PENDING = 1 << 10, /* nm_result() == NM_R_PENDING */
+	NM_Q_UNKNOWN = 1 << 11, /* nm_result() == NM_R_UNKNOWN */
+	NM_Q_RESULT = NM_Q_OK | NM_Q_ERROR | NM_Q_RET | NM_Q_PENDING | NM_Q_UNKNOWN,
 };
 
 struct nm_filter {
@@ -102,7 +138,7 @@ int nm_store_push(struct nm_store *s, const void *data, size_t size);
 struct nm_counters {
 	uint64_t head;      /* sequence number of the newest record; 0 = none yet */
 	uint64_t size;      /* records held */
-	uint64_t evicted, malformed, unmatched; /* as in struct nm_store */
+	uint64_t evicted, malformed, unmatched, in_flight; /* as in struct nm_store */
 	uint64_t oldest_ts; /* ts_ns of the oldest record held; 0 if none */
 };
 
@@ -117,6 +153,17 @@ uint64_t nm_store_attempts(struct nm_store *s, struct nm_attempt *out, uint64_t 
  * count only. Returns 0 or -ENOMEM. */
 int nm_store_query(struct nm_store *s, const struct nm_filter *f, uint64_t limit, int newest,
 		   struct nm_hit **out, uint64_t *n, uint64_t *matched);
+
+/* Following the store in order: the oldest `limit` (0 = all) records matching f after
+ * f->after_seq, stopping before the first one still held: a TCP attempt whose handshake
+ * is pending, recorded at or after hold_ns (boot clock; 0 = hold nothing), that matches
+ * f but for its result (which can change once the outcome arrives). *upto = the seq up
+ * to which the answer is complete: a follower's next cursor. *holder = the seq of the
+ * record that stopped the walk, 0 if none. *oldest = the oldest seq the store held:
+ * after_seq + 1 below it means records were overwritten before they could be read. */
+int nm_store_follow(struct nm_store *s, const struct nm_filter *f, uint64_t limit,
+		    uint64_t hold_ns, struct nm_hit **out, uint64_t *n, uint64_t *upto,
+		    uint64_t *holder, uint64_t *oldest);
 
 /* For each pid matching f, its newest per_pid records, and no more than max_total
  * records in all (the newest; 0 = no such bound); array in sequence order. *pids =

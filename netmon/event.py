@@ -10,6 +10,7 @@ from typing import NamedTuple, Optional
 from ._core import (
     NETMON_BACKEND_CGROUP,
     NETMON_BACKEND_SYSCALL,
+    NETMON_F_INPROGRESS,
     NETMON_F_NO_RESULT,
     NETMON_F_TRUNCATED,
     NETMON_KIND_CONNECT,
@@ -17,6 +18,7 @@ from ._core import (
     NETMON_OUTCOME_ESTABLISHED,
     NETMON_OUTCOME_FAILED,
     NETMON_OUTCOME_PENDING,
+    RESULTS,
 )
 from ._core import boot_ns as _boot_ns
 from .names import shown
@@ -24,9 +26,11 @@ from .names import shown
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
 KINDS = {NETMON_KIND_CONNECT: "connect", NETMON_KIND_UDP_SEND: "udp_send"}
 BACKENDS = {NETMON_BACKEND_SYSCALL: "syscall", NETMON_BACKEND_CGROUP: "cgroup"}
-# why a handshake failed, by -ret
+# why a handshake failed, by -ret (ECONNABORTED: the socket closed mid-handshake without
+# an error, e.g. the caller gave up on it)
 FAILURES = {111: "refused", 110: "timeout", 104: "reset", 113: "unreachable",
-            101: "unreachable"}
+            101: "unreachable", 103: "aborted"}
+EINPROGRESS = 115
 
 SOCKET_TYPES = {1: "STREAM", 2: "DGRAM", 3: "RAW", 4: "RDM", 5: "SEQPACKET", 6: "DCCP",
                 10: "PACKET"}
@@ -93,6 +97,14 @@ def _outcome(code: int, ret: int, flags: int, protocol: Optional[str]) -> Option
     return "unknown" if flags & NETMON_F_NO_RESULT else None
 
 
+def _return_code(ret: int, flags: int) -> Optional[int]:
+    """What connect() returned: ret, unless the store marked it EINPROGRESS (ret then
+    follows the handshake) or the hook could not know it."""
+    if flags & NETMON_F_INPROGRESS:
+        return -EINPROGRESS
+    return None if flags & NETMON_F_NO_RESULT else ret
+
+
 class Event(NamedTuple):
     """One connect() attempt (or, kind "udp_send", unconnected UDP datagrams to one
     destination within a second), immutable."""
@@ -109,8 +121,9 @@ class Event(NamedTuple):
     port: Optional[int]
     socket_type: Optional[str]  # "STREAM", "DGRAM", ...; None when the fd was not a socket
     protocol: Optional[str]  # "TCP", "UDP", "UNIX", ...; from the kernel socket
-    return_code: Optional[int]  # 0 or -errno; None where the hook cannot know it
-    error: Optional[str]  # errno name, None on success
+    return_code: Optional[int]  # what connect() returned: 0 or -errno; None where the
+    #                             backend cannot know it
+    error: Optional[str]  # the failure's errno name (EINPROGRESS while pending); None if none
     truncated: bool  # a unix path longer than the record holds was cut
     ts_ns: int  # CLOCK_BOOTTIME ns, as recorded by the kernel
     kind: str  # "connect" or "udp_send"
@@ -119,11 +132,13 @@ class Event(NamedTuple):
     outcome: Optional[str]  # TCP: established/refused/timeout/reset/unreachable/failed/pending
     latency_us: Optional[int]  # TCP handshake time, once known
     packets: Optional[int]  # udp_send: datagrams in the second
+    result: str  # what happened to the attempt: ok, error, pending or unknown (not in JSON)
 
     @classmethod
     def from_row(cls, row, offset_ns: int) -> "Event":
         (seq, ts_ns, cgroup_id, pid, tid, uid, ret, family, port, sock_type, proto, flags,
-         comm, addr, kind, backend, outcome, net_ns, latency_us, packets) = row
+         comm, addr, kind, backend, outcome, net_ns, latency_us, packets, result) = row
+        result = RESULTS[result]
         ip = dest = None
         out_port = None
         truncated = False
@@ -148,13 +163,14 @@ class Event(NamedTuple):
             family=family, destination=dest, ip=ip, port=out_port,
             socket_type=SOCKET_TYPES.get(sock_type, str(sock_type)) if sock_type else None,
             protocol=protocol,
-            return_code=None if flags & NETMON_F_NO_RESULT else ret,
-            error=(_errno.errorcode.get(-ret, f"E{-ret}")
-                   if ret < 0 and not flags & NETMON_F_NO_RESULT else None),
+            return_code=_return_code(ret, flags),
+            error=(_errno.errorcode.get(-ret, f"E{-ret}") if ret < 0 and result != "ok"
+                   and not flags & NETMON_F_NO_RESULT else None),
             truncated=truncated, ts_ns=ts_ns, kind=KINDS.get(kind, str(kind)),
             backend=BACKENDS.get(backend, str(backend)), net_ns=net_ns or None,
             outcome=None if udp else _outcome(outcome, ret, flags, protocol),
-            latency_us=latency_us or None, packets=packets if udp else None)
+            latency_us=latency_us or None, packets=packets if udp else None,
+            result=result)
 
     @property
     def service(self) -> Optional[str]:

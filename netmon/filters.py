@@ -99,13 +99,21 @@ def _dest(v: str):
     return (AF_INET if net.version == 4 else AF_INET6), net.network_address.packed, net.prefixlen
 
 
+# what happened to an attempt (the same on both backends): connected, failed, the
+# handshake has no outcome yet, the backend cannot tell
+RESULT_NAMES = ("ok", "error", "pending", "unknown")
+
+
 def _result(v):
-    if v in ("ok", "error"):
+    """ok / error / pending / unknown, or an errno name (the failure's errno, whether
+    connect() or the handshake gave it; EINPROGRESS: pending non-blocking connects)."""
+    if v in RESULT_NAMES:
         return v
     if isinstance(v, str):
         code = getattr(_errno, v.upper(), None) if v.upper().startswith("E") else None
-        if code is None:
-            raise FilterError("result", "must be ok, error, or an errno name like ECONNREFUSED")
+        if not isinstance(code, int):
+            raise FilterError("result", "must be ok, error, pending, unknown, or an errno "
+                                        "name like ECONNREFUSED")
         return -code
     return int_in("result", v, -4095, 0)
 

@@ -23,6 +23,9 @@ MAX_RINGBUF_BYTES = 1 << 30
 DEFAULT_WAKEUP_BYTES = 64 << 10  # wake the consumer early once this much waits
 POLL_MS = 10  # otherwise drain every 10 ms: no record waits much longer than that
 STALL_SECONDS = 2.0  # a poll loop silent this long is unhealthy
+# a follower (follow(), the SSE stream, netmon trace) waits this long for a TCP
+# handshake's outcome before passing its event on as pending
+HOLD_SECONDS = 1.0
 BACKENDS = ("syscall", "cgroup", "auto")
 
 
@@ -93,6 +96,9 @@ class Monitor:
         # the store's clock: the kernel's boot clock + this (tests' synthetic monitors run
         # ahead of it, see netmon.testing, so records of any age fit after a short uptime)
         self._clock_shift_ns = 0
+        # followers' holds: events waited for, and those passed on still pending
+        self._holds = {"held": 0, "expired": 0}
+        self._holds_lock = threading.Lock()
         self.started_at: Optional[float] = None  # time.monotonic() at start
 
     # ---- lifecycle ----
@@ -252,7 +258,8 @@ class Monitor:
     # Filters, for every query (see netmon.filters.compile_filter): pid, command (exact
     # comm), kind ("connect" by default, "udp_send", "all" or None for both), family
     # ("inet", "inet6", "unix" or a number), protocol ("tcp", "udp", ...), port, dest (IP,
-    # CIDR or unix path prefix), result ("ok", "error" or an errno name), since / until
+    # CIDR or unix path prefix), result ("ok", "error", "pending", "unknown" or an errno
+    # name: what happened to the attempt, see netmon.filters), since / until
     # (aware datetime, or timedelta meaning that long ago), after_seq. Bad values:
     # ValueError. Or, instead of keywords, where=compile_filter(...): checked once, reused.
 
@@ -277,20 +284,23 @@ class Monitor:
 
     def attempts(self) -> Dict[Tuple[str, str, str], int]:
         """Connect attempts ever captured, by (family, protocol, result); monotonic, unlike
-        the store, which forgets. A bounded label set: family inet/inet6/unix/other,
-        protocol tcp/udp/.../unix/none/other, result ok, an errno name, unknown (the hook
-        could not know) or other. result is what connect() returned (EINPROGRESS for a
-        non-blocking TCP connect), not the handshake's outcome."""
+        the store, which forgets. result is what happened to the attempt, the same on both
+        backends: ok (connected), the errno name of the failure (whether connect() or the
+        handshake gave it), unknown (the backend cannot tell) or other. An attempt is
+        counted once that is known: a TCP handshake in flight when its outcome arrives
+        (stats()["handshakes_in_flight"] until then), or as pending if its outcome can no
+        longer be joined to it. A bounded label set: family inet/inet6/unix/other,
+        protocol tcp/udp/.../unix/none/other."""
         self._sync()
         counts, other = self._store.attempts()
         families = {v: k for k, v in FAMILY_NAMES.items()}
+        keys = {0: "ok", _core.RET_UNKNOWN: "unknown", _core.RET_PENDING: "pending"}
         out = {("other", "other", "other"): other} if other else {}
         for (fam, proto, ret), n in counts.items():
             key = (families.get(fam, "other"),
                    "unix" if fam == AF_UNIX else
                    PROTOCOLS.get(proto, "other").lower() if proto else "none",
-                   "unknown" if ret is None else "ok" if ret == 0 else
-                   errno.errorcode.get(-ret, "other"))
+                   keys.get(ret) or (errno.errorcode.get(-ret, "other") if ret < 0 else "other"))
             out[key] = out.get(key, 0) + n
         return out
 
@@ -323,23 +333,46 @@ class Monitor:
         return [(Event.from_row(r, off), n, failed) for r, n, failed in rows], groups, matched
 
     def follow(self, after_seq: Optional[int] = None, timeout: Optional[float] = None,
-               where: Optional[Filter] = None, **filters) -> Iterator[Event]:
-        """Matching events newer than after_seq (default: from now on), as they arrive;
-        ends after `timeout` seconds (None: never). Events overwritten before they were
-        read are skipped; compare seq numbers to see the gap."""
-        last = self.seq_range()[1] if after_seq is None else after_seq
+               where: Optional[Filter] = None, hold: float = HOLD_SECONDS,
+               **filters) -> Iterator[Event]:
+        """Matching events newer than after_seq (default: from now on), in order, as they
+        arrive, each once what happened to it is known: a TCP attempt whose handshake is
+        still pending is waited for up to `hold` seconds after it was recorded (0: not at
+        all), then passed on as pending, and the events after it wait with it. Ends after
+        `timeout` seconds (None: never). Events overwritten before they were read are
+        skipped; compare seq numbers to see the gap."""
+        if where is None:
+            where = compile_filter(**filters)
+        elif filters:
+            raise TypeError("give the filters either compiled (where=) or as keywords, not both")
+        cursor = self.seq_range()[1] if after_seq is None else after_seq
+        follower = Follower(self, cursor, where, hold)
         deadline = None if timeout is None else time.monotonic() + timeout
-        q = self._args(where, filters)
         while deadline is None or time.monotonic() < deadline:
-            q["after_seq"] = last
-            self._sync()
-            rows, _ = self._store.query(1000, False, **q)
-            if not rows:
+            evs = follower.next(1000)
+            if not evs:
                 time.sleep(POLL_MS / 1000)
-                continue
-            for ev in self._events(rows):
-                last = ev.seq
-                yield ev
+            yield from evs
+
+    def follow_page(self, after_seq: int, limit: int = 1000, hold: float = HOLD_SECONDS,
+                    where: Optional[Filter] = None,
+                    **filters) -> Tuple[List[Event], int, int, int]:
+        """One step of following: (events, upto, holder, oldest). events: the oldest
+        `limit` matches after after_seq, stopping before a TCP attempt whose handshake is
+        pending and was recorded less than `hold` seconds ago (holder: its seq, else 0);
+        upto: the seq every match up to which has been returned (the next after_seq);
+        oldest: the oldest seq the store holds (after_seq + 1 below it: a gap)."""
+        q = {**self._args(where, filters), "after_seq": after_seq}
+        hold_ns = int(hold * 1e9)
+        self._sync()
+        hold_from = max(self.clock_ns() - hold_ns, 1) if hold_ns else 0
+        rows, upto, holder, oldest = self._store.follow(limit, hold_from, **q)
+        return self._events(rows), upto, holder, oldest
+
+    def _count_holds(self, held: int, expired: int) -> None:
+        with self._holds_lock:
+            self._holds["held"] += held
+            self._holds["expired"] += expired
 
     def stats(self) -> dict:
         """captured = delivered + dropped: every connect the kernel saw is in one of them."""
@@ -358,6 +391,8 @@ class Monitor:
             "malformed": c["malformed"],
             "outcomes_lost": {"ringbuf_full": outcome_drops,
                               "unmatched": c["outcomes_unmatched"]},
+            "handshakes_in_flight": c["in_flight"],
+            "follow_holds": dict(self._holds),
             "size": c["size"],
             "capacity": self.capacity,
             "last_seq": c["last_seq"],
@@ -389,3 +424,38 @@ class Monitor:
         if lag > STALL_SECONDS:
             return False, f"the poll thread has not drained the ring for {lag:.1f} s"
         return True, None
+
+
+class Follower:
+    """One reader following the store in order (Monitor.follow, the event stream, netmon
+    trace): next() gives the matching events after its cursor, each with its final
+    fields, stopping before a TCP attempt whose handshake is still pending unless it was
+    recorded `hold` seconds ago or more. The matching and the stop run in C; the waits
+    are counted in Monitor.stats()["follow_holds"]: held (events waited for) and expired
+    (passed on still pending)."""
+
+    def __init__(self, monitor: Monitor, cursor: int, where: Filter,
+                 hold: float = HOLD_SECONDS):
+        if isinstance(hold, bool) or not isinstance(hold, (int, float)) or not 0 <= hold <= 60:
+            raise ValueError(f"hold must be between 0 and 60 seconds, got {hold!r}")
+        self._monitor, self._where, self._hold = monitor, where, hold
+        self.cursor = cursor  # every match up to this seq has been given out
+        self.missed = 0  # events overwritten before this reader reached them
+        self.gap: Optional[Tuple[int, int]] = None  # (first, last seq) the last next() missed
+        self._holder = 0  # the seq this reader waits on, 0 if none
+
+    def next(self, limit: int = 1000) -> List[Event]:
+        """The next matching events (at most `limit`), oldest first; [] if none is ready.
+        Moves the cursor past everything examined; a gap shows in `missed`/gap()."""
+        m = self._monitor
+        evs, upto, holder, oldest = m.follow_page(self.cursor, limit, self._hold, self._where)
+        self.gap = (self.cursor + 1, oldest - 1) if self.cursor + 1 < oldest else None
+        if self.gap:
+            self.missed += oldest - 1 - self.cursor
+        expired = sum(e.result == "pending" for e in evs) if self._hold else 0
+        new_hold = holder != 0 and holder != self._holder
+        self._holder = holder
+        if new_hold or expired:
+            m._count_holds(int(new_hold), expired)
+        self.cursor = max(self.cursor, upto)
+        return evs

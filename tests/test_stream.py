@@ -128,11 +128,11 @@ class Gate:
     def __init__(self, mon):
         self._mon, self.entered, self.release = mon, threading.Event(), threading.Event()
 
-    def query(self, *args, **kwargs):
+    def follow_page(self, *args, **kwargs):
         if not self.release.is_set():
             self.entered.set()
             self.release.wait(10)
-        return self._mon.query(*args, **kwargs)
+        return self._mon.follow_page(*args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self._mon, name)

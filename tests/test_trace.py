@@ -40,24 +40,52 @@ def test_serve_is_the_explicit_form_of_the_default(capsys):
 
 def test_columns_line_up():
     mon = synthetic_monitor()
-    mon.inject(record(pid=4242, comm="curl", ip="10.1.2.3", port=443, ret=-111))
+    mon.inject(record(pid=4242, comm="curl", ip="10.1.2.3", port=443, ret=-111, outcome=3,
+                      latency_us=1234))
     mon.inject(record(pid=7, comm="busctl", path="/run/dbus/system_bus_socket"))
     mon.inject(record(pid=123456, comm="dig", ip="::1", port=53, sock_type=2, kind=2,
                       packets=3))
     lines = [trace.HEADER] + [trace.line(e) for e in mon.events(kind=None)]
-    end = trace.HEADER.index("PID") + 3  # numbers are right-aligned
+    ends = [trace.HEADER.index(w) + len(w) for w in ("PID", "LATENCY")]  # right-aligned
     starts = [trace.HEADER.index(w) for w in ("COMMAND", "FAMILY", "DESTINATION", "PROTO",
                                               "RESULT")]
     for ln in lines[1:]:
-        assert ln[end - 1] != " " and ln[end] == " "
+        assert all(ln[end - 1] != " " and ln[end] == " " for end in ends), ln
         assert all(ln[c - 1] == " " and ln[c] != " " for c in starts), ln
     assert lines[1].split() == [lines[1].split()[0], "4242", "curl", "inet", "10.1.2.3:443",
-                                "TCP", "ECONNREFUSED"]
+                                "TCP", "1.2ms", "ECONNREFUSED"]
     assert lines[2].split()[1:] == ["7", "busctl", "unix", "/run/dbus/system_bus_socket",
-                                    "UNIX", "ok"]
-    assert lines[3].split()[1:] == ["123456", "dig", "inet6", "[::1]:53", "UDP", "sent", "3"]
+                                    "UNIX", "-", "ok"]
+    assert lines[3].split()[1:] == ["123456", "dig", "inet6", "[::1]:53", "UDP", "-", "sent",
+                                    "3"]
     ev = Event.from_row(mon._store.query(1, True)[0][0], mon.wall_offset_ns())
     assert trace.line(ev).split()[0] == ev.timestamp.strftime("%H:%M:%S.%f")
+
+
+@pytest.mark.parametrize("us, text", [(None, "-"), (1, "1us"), (999, "999us"),
+                                      (1000, "1.0ms"), (999_949, "999.9ms"),
+                                      (1_000_000, "1.00s"), (127_000_000, "127.00s")])
+def test_latency_is_short(us, text):
+    assert trace.latency(us) == text
+
+
+def test_result_column_says_what_happened():
+    """ok, the failure's errno (from connect() or the handshake), pending, unknown: the
+    same words on both backends; EINPROGRESS shows only while the handshake runs."""
+    mon = synthetic_monitor()
+    for kw in [dict(ret=-115, outcome=1, sock_id=0xA0),  # non-blocking, then refused
+               dict(ret=-115, outcome=1, sock_id=0xB0),  # non-blocking, then established
+               dict(ret=-115, outcome=1, sock_id=0xC0),  # non-blocking, still pending
+               dict(flags=0x4, outcome=1, backend=2, sock_id=0xD0),  # cgroup, blocking
+               dict(ret=-2, path="/nowhere"),
+               dict(flags=0x4, path="/x", backend=2)]:  # a cgroup hook: unknown
+        mon.inject(record(**kw))
+    mon.inject(record(kind=3, sock_id=0xA0, outcome=3, ret=-111, latency_us=40, pid=0))
+    mon.inject(record(kind=3, sock_id=0xB0, outcome=2, latency_us=50, pid=0))
+    mon.inject(record(kind=3, sock_id=0xD0, outcome=3, ret=-110, latency_us=3_000_000, pid=0))
+    got = [trace.line(e).split()[-2:] for e in mon.events()]
+    assert got == [["40us", "ECONNREFUSED"], ["50us", "ok"], ["-", "pending"],
+                   ["3.00s", "ETIMEDOUT"], ["-", "ENOENT"], ["-", "unknown"]]
 
 
 # ---- the real command (root) ----
@@ -110,7 +138,7 @@ def test_columns_until_sigterm(listener):
     proc = start_trace("--port", str(listener), "--result", "ok")
     try:
         assert proc.stdout.readline().split() == ["TIME(UTC)", "PID", "COMMAND", "FAMILY",
-                                                  "DESTINATION", "PROTO", "RESULT"]
+                                                  "DESTINATION", "PROTO", "LATENCY", "RESULT"]
         pid = connect_from_child("nm-trace-cols", [{"family": "inet",
                                                     "addr": ["127.0.0.1", listener],
                                                     "repeat": 2}])
@@ -120,7 +148,8 @@ def test_columns_until_sigterm(listener):
     finally:
         proc.kill()
     for fields in lines:
-        assert fields[1:] == [str(pid), "nm-trace-cols", "inet", f"127.0.0.1:{listener}",
-                              "TCP", "ok"]
+        assert fields[1:6] + fields[7:] == [str(pid), "nm-trace-cols", "inet",
+                                            f"127.0.0.1:{listener}", "TCP", "ok"]
+        assert fields[6].endswith(("us", "ms"))  # the handshake's latency
     assert proc.returncode == 0 and out == ""
     assert err.splitlines()[-1].startswith("netmon trace: 2 shown; the kernel saw ")

@@ -1,7 +1,8 @@
 """`netmon trace`: attach, print one line per connect() as it happens; no server.
 
 The filters are /api/events' (netmon.filters checks them); --json prints Event.to_dict()
-lines. Every line is flushed, so a pipe sees it at once. On exit (--count reached,
+lines. A TCP attempt's line waits for its handshake's outcome (at most HOLD_SECONDS, then
+it prints as pending), so every line says what happened, with the handshake's latency. Every line is flushed, so a pipe sees it at once. On exit (--count reached,
 Ctrl-C, SIGTERM) a summary of what the kernel dropped goes to stderr.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Mapping, Optional, Sequence
 
 from ..event import Event
 from ..filters import FAMILY_NAMES, FILTER_NAMES, FilterError, compile_filter
-from ..monitor import Monitor, MonitorError
+from ..monitor import HOLD_SECONDS, Monitor, MonitorError
 from ..names import visible
 from .settings import Failure, Parser, UsageError, backend, count, run_command
 
@@ -25,9 +26,9 @@ PARSER = dict(description="Print every connect() on this host as it happens (no 
                           "Filters combine; they are those of GET /api/events.")
 CAPACITY = 65536  # the store only has to hold what the printer has not reached yet
 FAMILIES = {v: k for k, v in FAMILY_NAMES.items()}
-LINE = "{:<15}  {:>7}  {:<15}  {:<6}  {:<28}  {:<5}  {}"
+LINE = "{:<15}  {:>7}  {:<15}  {:<6}  {:<28}  {:<5}  {:>8}  {}"
 HEADER = LINE.format("TIME(UTC)", "PID", "COMMAND", "FAMILY", "DESTINATION", "PROTO",
-                     "RESULT")
+                     "LATENCY", "RESULT")
 
 
 def _number(text: str):
@@ -42,15 +43,15 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--protocol", help="tcp, udp, ...")
     p.add_argument("--port", type=_number, help="only this destination port")
     p.add_argument("--dest", help="an IP, a CIDR (10.0.0.0/8, ::1/128) or a unix path prefix")
-    p.add_argument("--result", help="ok, error or an errno name like ECONNREFUSED")
+    p.add_argument("--result", help="ok, error, pending, unknown or an errno name like "
+                                    "ECONNREFUSED")
     p.add_argument("--kind", default="connect",
                    help="connect (default), udp_send or all (udp_send needs the cgroup hooks)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--count", type=count, metavar="N", help="stop after N events")
     p.add_argument("--backend", type=backend, default="syscall",
-                   help="syscall (default: every line prints a final result), cgroup or "
-                        "auto; with the cgroup hooks a line prints before the connect has "
-                        "a result, so it shows 'unknown'")
+                   help="syscall (default: the return code of every family), cgroup or "
+                        "auto; with the cgroup hooks unix and UDP connects show 'unknown'")
     p.set_defaults(finish=finish, run=run)
     return p
 
@@ -71,14 +72,26 @@ def finish(args: argparse.Namespace, environ: Mapping[str, str]) -> argparse.Nam
     return args
 
 
+def latency(us: Optional[int]) -> str:
+    """A handshake's duration, short: 52us, 12.3ms, 3.00s; - if none."""
+    if us is None:
+        return "-"
+    return f"{us}us" if us < 1000 else f"{us / 1000:.1f}ms" if us < 1_000_000 else \
+        f"{us / 1e6:.2f}s"
+
+
 def line(ev: Event) -> str:
+    """What happened to the attempt: ok, the failure's errno name (whichever of connect()
+    and the handshake gave it), pending (no outcome within the hold) or unknown."""
     if ev.kind == "udp_send":
         result = f"sent {ev.packets}"
+    elif ev.result == "error":
+        result = ev.error or "error"
     else:
-        result = "ok" if ev.return_code == 0 else ev.error or "unknown"
+        result = ev.result
     return LINE.format(ev.timestamp.strftime("%H:%M:%S.%f"), ev.pid, visible(ev.command),
                        FAMILIES.get(ev.family, str(ev.family)), visible(ev.destination or "-"),
-                       ev.protocol or "-", result)
+                       ev.protocol or "-", latency(ev.latency_us), result)
 
 
 def _interrupt(*_):
@@ -104,8 +117,11 @@ def run(args: argparse.Namespace) -> int:
         stats = monitor.stats()
         monitor.stop()
     lost = ", ".join(f"{n} {reason}" for reason, n in stats["dropped"].items() if n)
+    holds = stats["follow_holds"]
     print(f"netmon trace: {shown} shown; the kernel saw {stats['captured']} events, dropped "
-          f"{stats['dropped_total']}{f' ({lost})' if lost else ''}", file=sys.stderr)
+          f"{stats['dropped_total']}{f' ({lost})' if lost else ''}; {holds['held']} held "
+          f"for their handshake, {holds['expired']} shown still pending after "
+          f"{HOLD_SECONDS:g} s", file=sys.stderr)
     return 0
 
 

@@ -10,7 +10,7 @@ import time
 import bottle
 
 from ..filters import FILTER_NAMES, Filter, FilterError, int_in
-from ..monitor import Monitor
+from ..monitor import Follower, Monitor
 from .base import App
 from .limits import DEFAULT_LIMIT, MAX_EVENTS_LIMIT, MAX_STREAMS
 from .params import request_filter, request_params, understood
@@ -29,27 +29,27 @@ def _sse(event: str, seq: int, data: dict) -> str:
 
 def _follow(monitor: Monitor, where: Filter, cursor: int, shutdown: threading.Event,
             release):
-    """The body of an event stream: matching events after `cursor` as they arrive; a gap
-    event when the store overwrote events past the cursor before they could be sent (the
-    count includes events that would not have matched); a keepalive comment when idle.
-    Ends when `shutdown` is set; release() frees the stream's slot."""
+    """The body of an event stream: matching events after `cursor` as they arrive, each
+    once its TCP handshake's outcome is known (or the monitor's hold bound passed: then
+    as pending),
+    so a client never has to patch an event; a gap event when the store overwrote events
+    past the cursor before they could be sent (the count includes events that would not
+    have matched); a keepalive comment when idle. Ends when `shutdown` is set; release()
+    frees the stream's slot."""
     try:
         yield ": netmon event stream\n\n"  # the headers go out now
+        follower = Follower(monitor, cursor, where)
         idle_since = time.monotonic()
         while not shutdown.is_set():
-            last = monitor.seq_range()[1]
-            evs, _ = monitor.query(STREAM_BATCH, False, where.after(cursor))
-            # after the query: what the store no longer held when it ran is older than this
-            resumed = min(monitor.seq_range()[0], evs[0].seq if evs else last + 1)
-            if cursor + 1 < resumed:
-                yield _sse("gap", resumed - 1, {"missed": resumed - cursor - 1,
-                                                "first_seq": cursor + 1,
-                                                "last_seq": resumed - 1})
+            evs = follower.next(STREAM_BATCH)
+            if follower.gap:
+                first, last = follower.gap
+                yield _sse("gap", last, {"missed": last - first + 1, "first_seq": first,
+                                         "last_seq": last})
             if evs:
                 yield "".join(_sse(e.kind, e.seq, e.to_dict()) for e in evs)
-                cursor, idle_since = evs[-1].seq, time.monotonic()
+                idle_since = time.monotonic()
             if len(evs) < STREAM_BATCH:
-                cursor = max(cursor, last)  # nothing else up to `last` matched
                 if time.monotonic() - idle_since >= KEEPALIVE_SECONDS:
                     yield ": keepalive\n\n"
                     idle_since = time.monotonic()
