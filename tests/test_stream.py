@@ -5,6 +5,7 @@ import http.client
 import json
 import socket
 import threading
+import time
 
 import pytest
 from helpers import run_child, start_netmon
@@ -93,6 +94,22 @@ def test_filters_and_kinds(served):
     msgs = s.events(2)
     assert [(m["event"], m["id"]) for m in msgs] == [("udp_send", "2"), ("connect", "4")]
     assert msgs[1]["data"]["error"] == "ECONNREFUSED"
+
+
+def test_an_event_is_sent_once_its_handshake_ended(served):
+    """A non-blocking connect waits for its outcome (the events after it with it), so a
+    client never has to patch an event it already has."""
+    mon, port, _ = served
+    s = Stream(port, "/api/events/stream?result=ECONNREFUSED")  # it only matches later
+    mon.inject(record(pid=1, sock_id=0xA0, ret=-115, outcome=1))
+    mon.inject(record(pid=2, ret=-111, outcome=3))
+    time.sleep(0.3)  # unheld, 1 would be skipped (pending matches no errno) and 2 sent
+    mon.inject(record(kind=3, sock_id=0xA0, outcome=3, ret=-111, latency_us=64, pid=0))
+    msgs = s.events(2)
+    assert [(m["data"]["pid"], m["data"]["return_code"], m["data"]["error"],
+             m["data"]["outcome"], m["data"]["latency_us"]) for m in msgs] == [
+        (1, -115, "ECONNREFUSED", "refused", 64), (2, -111, "ECONNREFUSED", "refused", None)]
+    s.close()
 
 
 def test_resume_from_last_event_id_without_loss_or_repetition(served):

@@ -153,3 +153,32 @@ def test_columns_until_sigterm(listener):
         assert fields[6].endswith(("us", "ms"))  # the handshake's latency
     assert proc.returncode == 0 and out == ""
     assert err.splitlines()[-1].startswith("netmon trace: 2 shown; the kernel saw ")
+
+
+@pytest.mark.bpf
+@pytest.mark.parametrize("backend", ["syscall", "cgroup"])
+def test_curl_to_a_closed_port_shows_the_refusal(backend):
+    """curl connects non-blocking (EINPROGRESS): its line waits for the handshake and says
+    what happened, with the handshake's latency; --json carries the final fields."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: refused
+        port = closed.getsockname()[1]
+        text = start_trace("--backend", backend, "--port", str(port), "--count", "1")
+        js = start_trace("--backend", backend, "--port", str(port), "--count", "1", "--json")
+        try:
+            subprocess.run(["curl", "-s", "-m", "2", f"http://127.0.0.1:{port}/"])
+            out, err = text.communicate(timeout=30)
+            jout, jerr = js.communicate(timeout=30)
+        finally:
+            text.kill()
+            js.kill()
+    header, line = out.splitlines()
+    fields = line.split()
+    assert fields[2:6] + fields[7:] == ["curl", "inet", f"127.0.0.1:{port}", "TCP",
+                                        "ECONNREFUSED"]
+    assert fields[6].endswith(("us", "ms"))
+    ev = json.loads(jout)
+    assert (ev["command"], ev["return_code"], ev["error"], ev["outcome"], ev["backend"]) == (
+        "curl", -115, "ECONNREFUSED", "refused", backend)
+    assert ev["latency_us"] > 0
+    assert "0 shown still pending" in err.splitlines()[-1]
