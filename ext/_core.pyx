@@ -321,8 +321,9 @@ cdef class Store:
 
     cdef int _filter(self, nm_filter *f, dict q) except -1:
         """q: pid, comm, kind, family, protocol, port, result ("ok", "error", "pending",
-        "unknown" or -errno: the errno the error field names), dest ((family, address bytes, prefix: bits for inet, bytes for unix)),
-        since_ns, until_ns, after_seq; None or absent = any."""
+        "unknown" or -errno: the errno the error field names), dest ((family, address
+        bytes, prefix: bits for inet, bytes for unix)), since_ns, until_ns, after_seq;
+        None or absent = any."""
         memset(f, 0, sizeof(nm_filter))
         pid, comm, family = q.get("pid"), q.get("comm"), q.get("family")
         protocol, port, result = q.get("protocol"), q.get("port"), q.get("result")

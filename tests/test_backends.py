@@ -105,7 +105,7 @@ def test_python_clients_field_by_field(both, backend, listeners):
     assert_agrees_with_strace(evs, [x[2] for x in PYTHON_EXPECT], backend)
     got = [fields(e) for e in evs]
     want = []
-    for what, proto, ret, error, outcome, result, timed in PYTHON_EXPECT:
+    for _, proto, ret, error, outcome, result, timed in PYTHON_EXPECT:
         if backend == "cgroup" and proto in UNKNOWN_ON_CGROUP:  # the hook runs first
             want.append((proto, None, None, "unknown", "unknown", False))
         else:

@@ -187,3 +187,21 @@ def test_metrics_count_real_connects_and_match_stats(server):
     grew = attempts(m2).get(key, 0) - attempts(m1).get(key, 0)
     assert 5 <= enoent_between(mid1["last_seq"], mid2["last_seq"]) <= grew <= \
         enoent_between(before["last_seq"], after["last_seq"])
+
+
+def test_a_tcp_attempt_is_counted_when_its_handshake_ends():
+    """The result label is what happened (the same on both backends), so a non-blocking
+    connect is counted once its outcome arrives, and is in flight until then."""
+    mon = synthetic_monitor()
+    app = make_app(mon)
+    mon.inject(record(sock_id=0xA0, ret=-115, outcome=1))  # syscall, non-blocking
+    mon.inject(record(sock_id=0xB0, flags=0x4, outcome=1, backend=2))  # cgroup, blocking
+    s = samples(scrape_app(app))
+    assert attempts(s) == {}
+    assert s[("netmon_connect_attempts_in_flight", frozenset())] == 2
+    mon.inject(record(kind=3, sock_id=0xA0, outcome=3, ret=-111, pid=0))
+    mon.inject(record(kind=3, sock_id=0xB0, outcome=2, pid=0))
+    s = samples(scrape_app(app))
+    assert attempts(s) == {("inet", "tcp", "ECONNREFUSED"): 1, ("inet", "tcp", "ok"): 1}
+    assert s[("netmon_connect_attempts_in_flight", frozenset())] == 0
+    assert call(app, "GET", "/api/stats").body["handshakes_in_flight"] == 0

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from netmon.monitor import Follower
 from netmon.filters import compile_filter
+from netmon.monitor import Follower
 from netmon.testing import record, synthetic_monitor
 
 SYS, CG = 1, 2  # backends

@@ -2,8 +2,9 @@
 
 The filters are /api/events' (netmon.filters checks them); --json prints Event.to_dict()
 lines. A TCP attempt's line waits for its handshake's outcome (at most HOLD_SECONDS, then
-it prints as pending), so every line says what happened, with the handshake's latency. Every line is flushed, so a pipe sees it at once. On exit (--count reached,
-Ctrl-C, SIGTERM) a summary of what the kernel dropped goes to stderr.
+it prints as pending), so every line says what happened, with the handshake's latency.
+Every line is flushed, so a pipe sees it at once. On exit (--count reached, Ctrl-C,
+SIGTERM) a summary of what the kernel dropped and of the holds goes to stderr.
 """
 from __future__ import annotations
 

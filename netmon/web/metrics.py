@@ -25,12 +25,17 @@ class _Collector:
         m = self._monitor
         stats = m.stats()
         attempts = CounterMetricFamily(
-            "netmon_connect_attempts", "connect() attempts captured, by what connect() "
-            "returned (ok or the errno name; EINPROGRESS for a non-blocking TCP connect)",
-            labels=("family", "protocol", "result"))
+            "netmon_connect_attempts", "connect() attempts captured, by what happened to "
+            "them, the same on both backends: ok, the errno name of the failure (from "
+            "connect() or the TCP handshake), unknown (the backend cannot tell), pending "
+            "(its handshake's outcome could no longer be joined); a TCP attempt is counted "
+            "when its handshake ends", labels=("family", "protocol", "result"))
         for labels, n in sorted(m.attempts().items()):
             attempts.add_metric(labels, n)
         yield attempts
+        yield GaugeMetricFamily("netmon_connect_attempts_in_flight", "TCP attempts waiting "
+                                "for their handshake's outcome, not yet in "
+                                "netmon_connect_attempts", value=stats["handshakes_in_flight"])
         yield CounterMetricFamily("netmon_events_captured", "events the kernel saw: "
                                   "delivered + dropped", value=stats["captured"])
         yield CounterMetricFamily("netmon_events_delivered", "events that reached the store",

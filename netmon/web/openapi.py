@@ -59,13 +59,18 @@ EVENT = _obj(
     destination_ip=_null(STR), destination_port=_null(INT), service=_null(STR),
     address_family={"type": "integer", "description": "AF_* as the caller gave it"},
     protocol=_null({**STR, "description": "TCP, UDP, UNIX, ..."}), socket_type=_null(STR),
-    return_code=_null({"type": "integer", "description": "0 or -errno; null if the hook "
-                                                         "could not know"}),
-    error=_null({**STR, "description": "errno name, null on success"}),
+    return_code=_null({"type": "integer", "description": "what connect() returned: 0 or "
+                       "-errno (-115, EINPROGRESS, for a non-blocking TCP connect); null where "
+                       "the backend cannot know (cgroup: unix, UDP; TCP until its handshake "
+                       "ends if the socket blocks)"}),
+    error=_null({**STR, "description": "the errno name of the failure, whether connect() "
+                                       "or the handshake reported it; EINPROGRESS only while "
+                                       "the handshake is pending; null if nothing failed"}),
     truncated={"type": "boolean"}, kind={"enum": ["connect", "udp_send"]},
     backend={"enum": ["syscall", "cgroup"]},
     outcome=_null({**STR, "description": "TCP: pending, established, refused, timeout, reset, "
-                                         "unreachable, failed, unknown"}),
+                                         "unreachable, aborted, failed; unknown where the "
+                                         "backend cannot know"}),
     latency_us=_null(INT), packets=_null(INT))
 
 FILTER_SCHEMA = {"type": "object", "description": "the filters as understood: names "
@@ -79,7 +84,8 @@ FILTER_SCHEMA = {"type": "object", "description": "the filters as understood: na
 STATS = _obj(
     ("captured", "delivered", "dropped", "dropped_total", "evicted", "size", "capacity",
      "last_seq", "oldest_timestamp", "poll_lag_seconds", "programs", "uptime_seconds",
-     "backend", "capabilities", "missing_hooks", "outcomes_lost", "connect_attempts", "http"),
+     "backend", "capabilities", "missing_hooks", "outcomes_lost", "connect_attempts", "http",
+     "handshakes_in_flight", "follow_holds"),
     captured={**INT, "description": "delivered + dropped_total"}, delivered=INT,
     dropped={"type": "object", "additionalProperties": INT,
              "description": "records the kernel could not deliver, by reason"},
@@ -94,8 +100,12 @@ STATS = _obj(
     capabilities={"type": "array", "items": STR},
     outcomes_lost={"type": "object", "additionalProperties": INT},
     uptime_seconds={"type": "number"},
+    handshakes_in_flight={**INT, "description": "TCP attempts waiting for their handshake's "
+                          "outcome: counted in connect_attempts once it arrives"},
+    follow_holds=_obj(("held", "expired"), held=INT, expired=INT),
     connect_attempts={"type": "array", "description": "every attempt ever captured (not only "
-                      "those still held), by what connect() returned",
+                      "those still held), by what happened to it: ok, the failure's errno "
+                      "name, unknown, pending (its outcome could no longer be joined)",
                       "items": _obj(("family", "protocol", "result", "count"), family=STR,
                                     protocol=STR, result=STR, count=INT)},
     http={"type": "object", "description": "the HTTP layer's counters"})
@@ -122,7 +132,9 @@ PARAMETERS = {
                                                 "maximum": 65535}),
     "dest": _param("dest", "an IP, a CIDR (10.0.0.0/8, ::1/128) or a unix path prefix "
                    "(/run/, @abstract)", {"type": "string"}),
-    "result": _param("result", "ok, error, or an errno name like ECONNREFUSED",
+    "result": _param("result", "what happened to the attempt: ok (connected), error "
+                     "(failed), pending (handshake under way), unknown (the backend cannot "
+                     "tell), or the errno name of the failure like ECONNREFUSED",
                      {"type": "string"}),
     "kind": _param("kind", "connect (default), udp_send or all",
                    {"enum": ["connect", "udp_send", "all"]}),
@@ -268,6 +280,7 @@ SPEC = {
         "/metrics": {"get": {
             "summary": "Prometheus metrics", "operationId": "metrics",
             "description": "netmon_connect_attempts_total{family,protocol,result}, "
+                           "netmon_connect_attempts_in_flight, "
                            "netmon_events_{captured,delivered,evicted}_total, "
                            "netmon_events_dropped_total{reason}, netmon_outcomes_lost_total"
                            "{reason}, netmon_store_events, netmon_store_capacity, "
