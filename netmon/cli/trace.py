@@ -105,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not args.json:
             print(HEADER, flush=True)
-        for ev in monitor.follow(where=args.where):
+        # from the first record: the store began empty at attach, before "watching"
+        # was printed, so a connect made right after that line is never skipped
+        for ev in monitor.follow(after_seq=0, where=args.where):
             print(json.dumps(ev.to_dict()) if args.json else line(ev), flush=True)
             shown += 1
             if shown == args.count:
