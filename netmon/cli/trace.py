@@ -25,6 +25,7 @@ PROG = "netmon trace"
 SUMMARY = "print connects as they happen, no server"
 PARSER = dict(description="Print every connect() on this host as it happens (no server). "
                           "Filters combine; they are those of GET /api/events.")
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 CAPACITY = 65536  # the store only has to hold what the printer has not reached yet
 FAMILIES = {v: k for k, v in FAMILY_NAMES.items()}
 LINE = "{:<15}  {:>7}  {:<15}  {:<6}  {:<28}  {:<5}  {:>8}  {}"
@@ -108,8 +109,14 @@ def run(args: argparse.Namespace) -> int:
         # from the first record: the store began empty at attach, before "watching"
         # was printed, so a connect made right after that line is never skipped
         for ev in monitor.follow(after_seq=0, where=args.where):
-            print(json.dumps(ev.to_dict()) if args.json else line(ev), flush=True)
-            shown += 1
+            # a SIGTERM/Ctrl-C waits until the line is out and counted: the summary's
+            # count is exactly the lines printed
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:
+                print(json.dumps(ev.to_dict()) if args.json else line(ev), flush=True)
+                shown += 1
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
             if shown == args.count:
                 break
     except KeyboardInterrupt:
