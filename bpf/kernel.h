@@ -66,8 +66,25 @@ typedef struct {
 	struct net *net;
 } possible_net_t;
 
+struct in6_addr {
+	__u8 s6_addr[16];
+};
+
+/* the address fields live in anonymous unions in the kernel; CO-RE finds them by name */
 struct sock_common {
+	__be32 skc_daddr;      /* remote IPv4 address */
+	__be32 skc_rcv_saddr;  /* local IPv4 address */
+	__be16 skc_dport;      /* remote port */
+	__u16 skc_num;         /* local port, host byte order */
+	unsigned short skc_family;
 	possible_net_t skc_net;
+	struct in6_addr skc_v6_daddr;
+	struct in6_addr skc_v6_rcv_saddr;
+};
+
+struct sk_buff {
+	unsigned char *head;
+	__u16 transport_header;
 };
 
 struct socket;

@@ -12,6 +12,11 @@
  * before the handshake starts); a blocking TCP connect returns what its handshake came
  * to, which the TCP outcome supplies; unix and UDP stay unknown. Optional cgroup/sendmsg4/6 hooks count
  * unconnected UDP datagrams per (process, destination) in a map the consumer sweeps.
+ * Inbound: the same inet_sock_set_state tracepoint sees listen() (CLOSE -> LISTEN, in the
+ * caller's context: who owns (netns, port) goes into the listeners map) and every
+ * handshake a listener completes (the child's SYN_RECV -> ESTABLISHED, in softirq: the
+ * accept event takes its process from that map). A raw tracepoint on tcp_send_reset
+ * counts SYNs answered with RST because no socket wanted them (closed ports).
  * Wake-ups are batched: a record is submitted without waking the consumer unless
  * wakeup_bytes are already waiting; the consumer drains on a short timer. */
 #include "kernel.h"
@@ -29,6 +34,12 @@
 #define IPPROTO_TCP 6
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT 2
+#define TCP_SYN_RECV 3
+#define TCP_CLOSE 7
+#define TCP_LISTEN 10
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_ACK 0x10
+#define SOCK_STREAM 1
 #define EEXIST 17
 #define ECONNABORTED 103
 #define EINPROGRESS 115
@@ -101,6 +112,22 @@ struct {
 	__type(value, __u64);
 } syn_sent SEC(".maps");
 
+/* who called listen() on each (netns, port): see struct netmon_listener */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct netmon_listener_key);
+	__type(value, struct netmon_listener);
+} listeners SEC(".maps");
+
+/* inbound handshakes that never completed, by reason (enum netmon_inbound) */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, NETMON_INBOUND_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} inbound SEC(".maps");
+
 /* a udp_flows value is built here: too large for the 512-byte stack with the rest */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -116,6 +143,30 @@ static __always_inline void count_drop(__u32 reason)
 
 	if (v)
 		*v += 1; /* per-CPU slot; the program cannot migrate while it runs */
+}
+
+static __always_inline void count_inbound(__u32 reason)
+{
+	__u64 *v = bpf_map_lookup_elem(&inbound, &reason);
+
+	if (v)
+		*v += 1;
+}
+
+/* the local address and port of an inet socket, as far as the kernel has chosen them */
+static __always_inline void source_of(struct sock *sk, struct netmon_event *e)
+{
+	__u16 fam = BPF_CORE_READ(sk, __sk_common.skc_family);
+
+	if (fam != AF_INET && fam != AF_INET6)
+		return; /* the source's bytes are the rest of a unix path */
+	e->src_port = BPF_CORE_READ(sk, __sk_common.skc_num);
+	if (!e->src_port)
+		return;
+	if (fam == AF_INET)
+		*(__u32 *)e->src_addr = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+	else
+		bpf_core_read(e->src_addr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
 }
 
 /* the fields every record made in a task's context shares; the rest is zeroed */
@@ -214,6 +265,7 @@ static __always_inline void socket_info(int fd, struct netmon_event *e)
 	e->sock_id = (__u64)sk;
 	e->protocol = BPF_CORE_READ(sk, sk_protocol);
 	e->net_ns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	source_of(sk, e); /* after the syscall: TCP and UDP have their source by now */
 }
 
 SEC("tracepoint/syscalls/sys_exit_connect")
@@ -269,6 +321,80 @@ int netmon_connect_exit(struct trace_event_raw_sys_exit *ctx)
 	return 0;
 }
 
+/* listen() (the caller's context): remember who owns (netns, port); the listener's close:
+ * forget it; a child's SYN_RECV -> ESTABLISHED (softirq): one accept event */
+static __always_inline int tcp_inbound(__u64 skp, int oldstate, int newstate)
+{
+	struct sock *sk = (struct sock *)skp;
+	struct netmon_listener_key k = {};
+	struct netmon_listener *o;
+	struct netmon_event *e;
+
+	k.net_ns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	k.port = BPF_CORE_READ(sk, __sk_common.skc_num);
+	if (newstate == TCP_LISTEN) {
+		struct netmon_listener v = {};
+		__u64 id = bpf_get_current_pid_tgid();
+
+		if (out_of_scope())
+			return 0;
+		v.sk = skp;
+		v.cgroup_id = bpf_get_current_cgroup_id();
+		v.pid = id >> 32;
+		v.tid = (__u32)id;
+		v.uid = (__u32)bpf_get_current_uid_gid();
+		bpf_get_current_comm(v.comm, sizeof(v.comm));
+		if (bpf_map_update_elem(&listeners, &k, &v, BPF_ANY))
+			count_inbound(NETMON_INBOUND_LISTENERS_FULL);
+		return 0;
+	}
+	o = bpf_map_lookup_elem(&listeners, &k);
+	if (newstate != TCP_ESTABLISHED) { /* LISTEN -> CLOSE */
+		if (o && (o->sk == skp || o->sk == 0))
+			bpf_map_delete_elem(&listeners, &k);
+		return 0;
+	}
+	if (!o && netmon_cfg.scoped)
+		return 0; /* not listened to from inside the scope */
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count_drop(NETMON_DROP_RINGBUF_FULL);
+		return 0;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ts_ns = bpf_ktime_get_boot_ns();
+	e->sock_id = skp;
+	e->net_ns = k.net_ns;
+	e->port = k.port;
+	e->src_port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	e->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (e->family == AF_INET) {
+		*(__u32 *)e->addr = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+		*(__u32 *)e->src_addr = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+		e->addr_len = 4;
+	} else {
+		bpf_core_read(e->addr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+		bpf_core_read(e->src_addr, 16, &sk->__sk_common.skc_v6_daddr);
+		e->addr_len = 16;
+	}
+	e->protocol = IPPROTO_TCP;
+	e->sock_type = SOCK_STREAM;
+	e->kind = NETMON_KIND_ACCEPT;
+	e->backend = netmon_cfg.backend;
+	e->outcome = NETMON_OUTCOME_ESTABLISHED;
+	if (o) {
+		e->cgroup_id = o->cgroup_id;
+		e->pid = o->pid;
+		e->tid = o->tid;
+		e->uid = o->uid;
+		__builtin_memcpy(e->comm, o->comm, sizeof(e->comm));
+	} else {
+		e->flags = NETMON_F_NO_OWNER;
+	}
+	submit(e);
+	return 0;
+}
+
 /* a raw tracepoint: the kernel does not format a trace record for each of the ~8 state
  * changes of a loopback connection (both ends) before the program can say "not mine" */
 SEC("raw_tp/inet_sock_set_state")
@@ -279,6 +405,12 @@ int netmon_tcp_state(struct bpf_raw_tracepoint_args *ctx)
 	int oldstate = ctx->args[1], newstate = ctx->args[2];
 	struct netmon_event *e;
 
+	if (newstate == TCP_LISTEN || (oldstate == TCP_LISTEN && newstate == TCP_CLOSE) ||
+	    (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED)) {
+		if (BPF_CORE_READ((struct sock *)sk, sk_protocol) != IPPROTO_TCP)
+			return 0;
+		return tcp_inbound(sk, oldstate, newstate);
+	}
 	if (newstate != TCP_SYN_SENT && oldstate != TCP_SYN_SENT)
 		return 0;
 	if (BPF_CORE_READ((struct sock *)sk, sk_protocol) != IPPROTO_TCP)
@@ -306,6 +438,7 @@ int netmon_tcp_state(struct bpf_raw_tracepoint_args *ctx)
 	e->latency_us = (now - *sent) / 1000 ?: 1;
 	e->kind = NETMON_KIND_TCP_OUTCOME;
 	e->protocol = IPPROTO_TCP;
+	source_of((struct sock *)sk, e); /* chosen by now: the cgroup hooks could not know it */
 	if (newstate == TCP_ESTABLISHED) {
 		e->outcome = NETMON_OUTCOME_ESTABLISHED;
 	} else {
@@ -316,6 +449,25 @@ int netmon_tcp_state(struct bpf_raw_tracepoint_args *ctx)
 	}
 	submit(e);
 	bpf_map_delete_elem(&syn_sent, &sk);
+	return 0;
+}
+
+/* A SYN that no socket wanted is answered with RST from no socket (sk NULL): count it.
+ * RSTs from sockets (aborts, bad segments) are not handshakes and are left alone. */
+SEC("raw_tp/tcp_send_reset")
+int netmon_tcp_reset(struct bpf_raw_tracepoint_args *ctx)
+{
+	/* (const struct sock *sk, const struct sk_buff *skb[, enum sk_rst_reason]) */
+	struct sk_buff *skb = (struct sk_buff *)ctx->args[1];
+	unsigned char *head;
+	__u8 flags = 0;
+
+	if (ctx->args[0] || !skb || netmon_cfg.scoped) /* scoped: no process to scope by */
+		return 0;
+	head = BPF_CORE_READ(skb, head);
+	bpf_probe_read_kernel(&flags, 1, head + BPF_CORE_READ(skb, transport_header) + 13);
+	if ((flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
+		count_inbound(NETMON_INBOUND_CLOSED_PORT);
 	return 0;
 }
 

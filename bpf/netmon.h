@@ -7,7 +7,8 @@
 #define NETMON_H
 
 #define NETMON_COMM_LEN 16
-#define NETMON_ADDR_LEN 48 /* inet: 4/16 address bytes; unix: the first 48 path bytes */
+#define NETMON_ADDR_LEN 48 /* inet: 4/16 address bytes, then the source; unix: the first
+			     48 path bytes */
 
 /* flags */
 #define NETMON_F_TRUNCATED 0x1 /* unix: more path bytes followed the kept ones (for a
@@ -17,12 +18,17 @@
 				  meaningless until a TCP outcome supplies it */
 #define NETMON_F_INPROGRESS 0x8 /* connect() returned -EINPROGRESS: ret then follows the
 				   handshake (the store sets this flag; see ret) */
+#define NETMON_F_NO_OWNER  0x10 /* accept: no process is known to own the listener (it
+				   listened before netmon started and was not found then) */
 
 enum netmon_kind {
 	NETMON_KIND_CONNECT = 1,     /* a connect() attempt */
 	NETMON_KIND_UDP_SEND = 2,    /* unconnected UDP datagrams to one destination */
 	NETMON_KIND_TCP_OUTCOME = 3, /* how the handshake of socket sock_id ended: an update
 					to that connect event, not an event of its own */
+	NETMON_KIND_ACCEPT = 4,      /* a TCP handshake a listener on this host completed:
+					addr/port the local service, src_* the remote client,
+					pid/comm/uid/cgroup_id the process that called listen() */
 };
 
 enum netmon_backend {
@@ -47,11 +53,40 @@ enum netmon_drop {
 	NETMON_DROP_MAX = 5,
 };
 
+/* per-CPU counters of inbound TCP handshakes that never completed: counted, not stored,
+ * so a SYN flood cannot evict real events */
+enum netmon_inbound {
+	NETMON_INBOUND_CLOSED_PORT = 0, /* a SYN answered with RST: no socket for its port */
+	NETMON_INBOUND_LISTENERS_FULL = 1, /* a listen() found the owner map full: its
+					       accepts carry no process */
+	NETMON_INBOUND_MAX = 2,
+};
+
 /* Set by the loader, by field name through the generated skeleton, before load: the
  * programs read it as `const volatile` rodata in its own section (.rodata.cfg). */
 struct netmon_config {
 	__u64 wakeup_bytes; /* wake the consumer once this many bytes wait; 0: every record */
 	__u64 scoped;       /* only tasks in the cgroup in scope[0] (and below it) */
+	__u64 backend;      /* enum netmon_backend: stamped on accept events, which come from
+			       a program both backends share */
+};
+
+/* key and value of the listeners map: who called listen() on (netns, local port). Set by
+ * the CLOSE -> LISTEN transition (in the caller's context), removed by LISTEN -> CLOSE of
+ * the same socket; the loader seeds listeners that existed before it attached (sk 0). */
+struct netmon_listener_key {
+	__u32 net_ns;
+	__u32 port; /* host byte order */
+};
+
+struct netmon_listener {
+	__u64 sk;        /* the listening struct sock; 0: seeded from /proc */
+	__u64 cgroup_id;
+	__u32 pid;
+	__u32 tid;
+	__u32 uid;
+	__u32 pad;
+	char comm[NETMON_COMM_LEN];
 };
 
 /* key of the udp_flows map the consumer sweeps: one entry per (process, destination) */
@@ -87,9 +122,24 @@ struct netmon_event {
 	__u8 outcome;     /* enum netmon_outcome */
 	__u8 addr_len;    /* bytes of addr used */
 	char comm[NETMON_COMM_LEN];
-	__u8 addr[NETMON_ADDR_LEN];
+	/* A unix path needs all 48 bytes, an inet address 16: inet events keep their source
+	 * in the rest (valid only when family is AF_INET or AF_INET6), so every record stays
+	 * 128 bytes (growing it costs every full-store scan ~13 %). */
+	union {
+		__u8 addr[NETMON_ADDR_LEN]; /* accept: the local address */
+		struct {
+			__u8 addr_inet[16];
+			__u8 src_addr[16]; /* 4 (AF_INET) or 16 bytes; all zero if unknown */
+			__u16 src_port;    /* host byte order: a connect's local port, an accept's
+					      client port; 0 if unknown */
+			__u8 inet_pad[14];
+		};
+	};
 };
 
 _Static_assert(sizeof(struct netmon_event) == 128, "netmon_event must be 128 bytes");
+_Static_assert(__builtin_offsetof(struct netmon_event, inet_pad) + 14 ==
+	       __builtin_offsetof(struct netmon_event, addr) + NETMON_ADDR_LEN,
+	       "the inet source must lie within addr");
 
 #endif

@@ -31,6 +31,8 @@ cdef extern from "store.h" nogil:
         NM_Q_KIND
         NM_Q_PENDING
         NM_Q_UNKNOWN
+        NM_Q_SRC
+        NM_Q_SPORT
     struct nm_filter:
         uint32_t mask
         uint32_t pid
@@ -43,6 +45,10 @@ cdef extern from "store.h" nogil:
         uint8_t dest_len
         uint8_t dest[NETMON_ADDR_LEN]
         int32_t ret
+        uint16_t sport
+        uint8_t src_family
+        uint8_t src_len
+        uint8_t src[16]
         uint64_t since_ns
         uint64_t until_ns
         uint64_t after_seq
@@ -80,6 +86,7 @@ cdef extern from "store.h" nogil:
         uint64_t malformed
         uint64_t unmatched
         uint64_t in_flight
+        uint64_t accepts
         uint64_t oldest_ts
     nm_counters nm_store_counters(nm_store *s)
     int nm_store_query(nm_store *s, const nm_filter *f, uint64_t limit, int newest,
@@ -125,10 +132,13 @@ cdef extern from "netmon.skel.h" nogil:
         bpf.bpf_map *scope
         bpf.bpf_map *drops
         bpf.bpf_map *udp_flows
+        bpf.bpf_map *listeners
+        bpf.bpf_map *inbound
     ctypedef struct netmon_bpf_progs "__typeof__(((struct netmon_bpf *)0)->progs)":
         bpf.bpf_program *netmon_connect_enter
         bpf.bpf_program *netmon_connect_exit
         bpf.bpf_program *netmon_tcp_state
+        bpf.bpf_program *netmon_tcp_reset
         bpf.bpf_program *netmon_cg_connect4
         bpf.bpf_program *netmon_cg_connect6
         bpf.bpf_program *netmon_cg_connect_unix
@@ -154,6 +164,8 @@ cdef extern from *:
     #define NM_EVENT_FIELDS(X) X(ts_ns) X(cgroup_id) X(sock_id) X(pid) X(tid) X(uid) X(ret) \
         X(net_ns) X(latency_us) X(packets) X(family) X(port) X(protocol) X(sock_type) \
         X(flags) X(kind) X(backend) X(outcome) X(addr_len) X(comm) X(addr)
+    /* inet events only: fields that share addr's bytes after the destination's 16 */
+    #define NM_OVERLAY_FIELDS(X) X(src_addr) X(src_port)
     #define NM_MEMBER(f) (((struct netmon_event *)0)->f)
     #define NM_FORMAT(x) _Generic((x), __u8: "B", __u16: "H", __u32: "I", __s32: "i", \
                                   __u64: "Q", default: "s")
@@ -168,6 +180,8 @@ cdef extern from *:
     _Static_assert(0 NM_EVENT_FIELDS(NM_SIZE) == sizeof(struct netmon_event),
                    "NM_EVENT_FIELDS must name every field of struct netmon_event");
     #define NM_NFIELDS (sizeof(nm_fields) / sizeof(nm_fields[0]))
+    static const struct nm_field nm_overlays[] = {NM_OVERLAY_FIELDS(NM_FIELD)};
+    #define NM_NOVERLAYS (sizeof(nm_overlays) / sizeof(nm_overlays[0]))
     """
     struct nm_field:
         const char *name
@@ -176,6 +190,8 @@ cdef extern from *:
         const char *format
     const nm_field nm_fields[]
     const size_t NM_NFIELDS
+    const nm_field nm_overlays[]
+    const size_t NM_NOVERLAYS
 
 
 cdef extern from *:
@@ -187,28 +203,32 @@ cdef extern from *:
     const char *NETMON_VERSION
 
 
-cdef dict _record_fields():
+cdef dict _record_fields(const nm_field *table, size_t n):
     """{field: (offset, struct-module format)} of struct netmon_event, in offset order:
     what netmon.testing lays synthetic records out by."""
     cdef size_t i
     fields = []
-    for i in range(NM_NFIELDS):
-        fmt = nm_fields[i].format.decode()
-        fields.append((nm_fields[i].offset, nm_fields[i].name.decode(),
-                       f"{nm_fields[i].size}s" if fmt == "s" else fmt))
+    for i in range(n):
+        fmt = table[i].format.decode()
+        fields.append((table[i].offset, table[i].name.decode(),
+                       f"{table[i].size}s" if fmt == "s" else fmt))
     return {name: (offset, fmt) for offset, name, fmt in sorted(fields)}
 
 
 __version__ = NETMON_VERSION.decode()
 RECORD_SIZE = sizeof(netmon_event)
-RECORD_FIELDS = _record_fields()
+RECORD_FIELDS = _record_fields(nm_fields, NM_NFIELDS)
+# inet events only: fields laid over addr's bytes after the destination's 16
+RECORD_OVERLAYS = _record_fields(nm_overlays, NM_NOVERLAYS)
 COMM_LEN = NETMON_COMM_LEN
 ADDR_LEN = NETMON_ADDR_LEN
 # bpf/netmon.h's values, under their C names
 NETMON_F_TRUNCATED, NETMON_F_NO_ADDR, NETMON_F_NO_RESULT, NETMON_F_INPROGRESS = (
     nm.NETMON_F_TRUNCATED, nm.NETMON_F_NO_ADDR, nm.NETMON_F_NO_RESULT, nm.NETMON_F_INPROGRESS)
-NETMON_KIND_CONNECT, NETMON_KIND_UDP_SEND, NETMON_KIND_TCP_OUTCOME = (
-    nm.NETMON_KIND_CONNECT, nm.NETMON_KIND_UDP_SEND, nm.NETMON_KIND_TCP_OUTCOME)
+NETMON_F_NO_OWNER = nm.NETMON_F_NO_OWNER
+NETMON_KIND_CONNECT, NETMON_KIND_UDP_SEND, NETMON_KIND_TCP_OUTCOME, NETMON_KIND_ACCEPT = (
+    nm.NETMON_KIND_CONNECT, nm.NETMON_KIND_UDP_SEND, nm.NETMON_KIND_TCP_OUTCOME,
+    nm.NETMON_KIND_ACCEPT)
 NETMON_BACKEND_SYSCALL, NETMON_BACKEND_CGROUP = (
     nm.NETMON_BACKEND_SYSCALL, nm.NETMON_BACKEND_CGROUP)
 (NETMON_OUTCOME_NONE, NETMON_OUTCOME_PENDING, NETMON_OUTCOME_ESTABLISHED,
@@ -217,13 +237,17 @@ NETMON_BACKEND_SYSCALL, NETMON_BACKEND_CGROUP = (
 DROP_REASONS = ("ringbuf_full", "inflight_full", "no_enter", "outcome_ringbuf_full",
                 "udp_flows_full")
 BPF_CGROUP_UNIX_CONNECT = 49  # Linux 6.7+; not in libbpf 1.1's headers
-TOP_BY = ("destination", "command", "pid", "port", "error")
+TOP_BY = ("destination", "command", "pid", "port", "error", "service", "client")
 # what happened to an attempt (ext/store.h, nm_result), by the code a row carries
 RESULTS = {NM_R_OK: "ok", NM_R_ERROR: "error", NM_R_PENDING: "pending",
            NM_R_UNKNOWN: "unknown"}
 # the attempt counters' result keys that are not 0 (ok) or -errno
 RET_UNKNOWN, RET_PENDING, RET_OTHER = NM_RET_UNKNOWN, NM_RET_PENDING, NM_RET_OTHER
+cdef uint64_t BPF_NOEXIST = 1
+# inbound TCP handshakes counted, not stored (enum netmon_inbound)
+INBOUND_REASONS = ("closed_port", "listeners_full")
 assert len(DROP_REASONS) == nm.NETMON_DROP_MAX
+assert len(INBOUND_REASONS) == nm.NETMON_INBOUND_MAX
 
 
 def libbpf_version():
@@ -263,7 +287,8 @@ cdef tuple _row(uint64_t seq, netmon_event *e):
             e.sock_type, e.protocol, e.flags,
             PyBytes_FromStringAndSize(e.comm, comm_len),
             PyBytes_FromStringAndSize(<char *>e.addr, min(e.addr_len, NETMON_ADDR_LEN)),
-            e.kind, e.backend, e.outcome, e.net_ns, e.latency_us, e.packets, nm_result(e))
+            e.kind, e.backend, e.outcome, e.net_ns, e.latency_us, e.packets, nm_result(e),
+            e.src_port, PyBytes_FromStringAndSize(<char *>e.src_addr, 16))
 
 
 cdef list _rows(nm_hit *hits, uint64_t n):
@@ -278,7 +303,7 @@ cdef class Store:
     """Fixed-capacity ring of records; see ext/store.h. Rows are tuples:
     (seq, ts_ns, cgroup_id, pid, tid, uid, ret, family, port, sock_type, protocol, flags,
     comm bytes, addr bytes, kind, backend, outcome, net_ns, latency_us, packets, result
-    (a key of RESULTS))."""
+    (a key of RESULTS), src_port, src_addr bytes (16: inet events only))."""
     cdef nm_store s
     cdef readonly uint64_t capacity
 
@@ -307,6 +332,7 @@ cdef class Store:
         return {"delivered": c.head, "size": c.size, "evicted": c.evicted,
                 "malformed": c.malformed, "outcomes_unmatched": c.unmatched,
                 "in_flight": c.in_flight,
+                "accepts": c.accepts,
                 "oldest_ts_ns": c.oldest_ts if c.size else None, "last_seq": c.head}
 
     def attempts(self):
@@ -322,12 +348,14 @@ cdef class Store:
     cdef int _filter(self, nm_filter *f, dict q) except -1:
         """q: pid, comm, kind, family, protocol, port, result ("ok", "error", "pending",
         "unknown" or -errno: the errno the error field names), dest ((family, address
-        bytes, prefix: bits for inet, bytes for unix)), since_ns, until_ns, after_seq;
+        bytes, prefix: bits for inet, bytes for unix)), src ((family, address bytes,
+        prefix bits)), sport, since_ns, until_ns, after_seq;
         None or absent = any."""
         memset(f, 0, sizeof(nm_filter))
         pid, comm, family = q.get("pid"), q.get("comm"), q.get("family")
         protocol, port, result = q.get("protocol"), q.get("port"), q.get("result")
         kind, dest = q.get("kind"), q.get("dest")
+        src, sport = q.get("src"), q.get("sport")
         if pid is not None:
             f.mask |= NM_Q_PID
             f.pid = pid
@@ -348,6 +376,17 @@ cdef class Store:
             f.dest_family = dfam
             f.dest_len = dlen
             memcpy(f.dest, <char *>daddr, len(daddr))
+        if src is not None:
+            sfam, saddr, slen = src
+            if len(saddr) > 16:
+                raise ValueError("src longer than an IPv6 address")
+            f.mask |= NM_Q_SRC
+            f.src_family = sfam
+            f.src_len = slen
+            memcpy(f.src, <char *>saddr, len(saddr))
+        if sport is not None:
+            f.mask |= NM_Q_SPORT
+            f.sport = sport
         if family is not None:
             f.mask |= NM_Q_FAMILY
             f.family = family
@@ -497,6 +536,8 @@ cdef class Probe:
             raise OSError(-err, "cannot size the ring buffer")
         self.skel.rodata_cfg.netmon_cfg.wakeup_bytes = wakeup_bytes
         self.skel.rodata_cfg.netmon_cfg.scoped = scoped
+        self.skel.rodata_cfg.netmon_cfg.backend = (
+            nm.NETMON_BACKEND_CGROUP if backend == "cgroup" else nm.NETMON_BACKEND_SYSCALL)
         with nogil:
             err = netmon_bpf__load(self.skel)
         if err:
@@ -514,6 +555,7 @@ cdef class Probe:
         bpf.bpf_program__set_autoload(p.netmon_connect_enter, not cgroup)
         bpf.bpf_program__set_autoload(p.netmon_connect_exit, not cgroup)
         bpf.bpf_program__set_autoload(p.netmon_tcp_state, True)
+        bpf.bpf_program__set_autoload(p.netmon_tcp_reset, True)
         bpf.bpf_program__set_autoload(p.netmon_cg_connect4, cgroup)
         bpf.bpf_program__set_autoload(p.netmon_cg_connect6, cgroup)
         bpf.bpf_program__set_autoload(p.netmon_cg_connect_unix, cgroup and unix_hook)
@@ -617,22 +659,43 @@ cdef class Probe:
 
     def drops(self):
         """Kernel-side losses by reason, summed over CPUs."""
+        return self._percpu_counters(self._loaded().maps.drops, DROP_REASONS)
+
+    def inbound(self):
+        """Inbound TCP handshakes counted, not stored, by reason, summed over CPUs."""
+        return self._percpu_counters(self._loaded().maps.inbound, INBOUND_REASONS)
+
+    cdef dict _percpu_counters(self, bpf.bpf_map *m, tuple names):
         cdef int ncpu = bpf.libbpf_num_possible_cpus()
         cdef uint64_t *vals
         cdef uint32_t key
-        cdef int fd = bpf.bpf_map__fd(self._loaded().maps.drops)
+        cdef int fd = bpf.bpf_map__fd(m)
         out = {}
         if ncpu <= 0:
             raise OSError(-ncpu, "cannot count possible CPUs")
         vals = <uint64_t *>malloc(ncpu * sizeof(uint64_t))
         try:
-            for key in range(nm.NETMON_DROP_MAX):
+            for key in range(len(names)):
                 if bpf.bpf_map_lookup_elem(fd, &key, vals):
-                    raise OSError(errno, "cannot read the drop counters")
-                out[DROP_REASONS[key]] = sum(vals[i] for i in range(ncpu))
+                    raise OSError(errno, "cannot read the counters")
+                out[names[key]] = sum(vals[i] for i in range(ncpu))
         finally:
             free(vals)
         return out
+
+    def seed_listener(self, uint32_t net_ns, uint32_t port, uint32_t pid, uint32_t uid,
+                      uint64_t cgroup_id, bytes comm):
+        """Record the owner of a listener that existed before the programs were attached;
+        one that listen() recorded since wins. False if the entry was there already."""
+        cdef nm.netmon_listener_key k
+        cdef nm.netmon_listener v
+        memset(&k, 0, sizeof(k))
+        memset(&v, 0, sizeof(v))
+        k.net_ns, k.port = net_ns, port
+        v.pid, v.tid, v.uid, v.cgroup_id = pid, pid, uid, cgroup_id
+        memcpy(v.comm, <char *>comm, min(len(comm), NETMON_COMM_LEN - 1))
+        return bpf.bpf_map_update_elem(bpf.bpf_map__fd(self._loaded().maps.listeners),
+                                       &k, &v, BPF_NOEXIST) == 0
 
     def prog_stats(self):
         """{program: {"id", "run_cnt", "run_time_ns"}} from the kernel; the counts stay

@@ -12,11 +12,13 @@ cdef extern from "netmon.h" nogil:
         NETMON_F_NO_ADDR
         NETMON_F_NO_RESULT
         NETMON_F_INPROGRESS
+        NETMON_F_NO_OWNER
 
     enum netmon_kind:
         NETMON_KIND_CONNECT
         NETMON_KIND_UDP_SEND
         NETMON_KIND_TCP_OUTCOME
+        NETMON_KIND_ACCEPT
 
     enum netmon_backend:
         NETMON_BACKEND_SYSCALL
@@ -31,9 +33,25 @@ cdef extern from "netmon.h" nogil:
     enum netmon_drop:
         NETMON_DROP_MAX
 
+    enum netmon_inbound:
+        NETMON_INBOUND_MAX
+
     struct netmon_config:
         uint64_t wakeup_bytes
         uint64_t scoped
+        uint64_t backend
+
+    struct netmon_listener_key:
+        uint32_t net_ns
+        uint32_t port
+
+    struct netmon_listener:
+        uint64_t sk
+        uint64_t cgroup_id
+        uint32_t pid
+        uint32_t tid
+        uint32_t uid
+        char comm[NETMON_COMM_LEN]
 
     struct netmon_event:
         uint64_t ts_ns
@@ -48,6 +66,7 @@ cdef extern from "netmon.h" nogil:
         uint16_t family
         uint16_t port
         uint16_t protocol
+        uint16_t src_port
         uint8_t sock_type
         uint8_t flags
         uint8_t kind
@@ -56,3 +75,4 @@ cdef extern from "netmon.h" nogil:
         uint8_t addr_len
         char comm[NETMON_COMM_LEN]
         uint8_t addr[NETMON_ADDR_LEN]
+        uint8_t src_addr[16]

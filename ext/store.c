@@ -122,6 +122,11 @@ static void apply_outcome(struct netmon_event *e, const struct netmon_event *o)
 {
 	e->outcome = o->outcome;
 	e->latency_us = o->latency_us;
+	if ((e->family == AF_INET || e->family == AF_INET6) && !e->src_port && o->src_port) {
+		/* the hook ran before the kernel chose it */
+		e->src_port = o->src_port;
+		memcpy(e->src_addr, o->src_addr, sizeof(e->src_addr));
+	}
 	if (e->flags & (NETMON_F_NO_RESULT | NETMON_F_INPROGRESS)) {
 		e->ret = o->outcome == NETMON_OUTCOME_FAILED ? o->ret : 0;
 		e->flags &= ~NETMON_F_NO_RESULT;
@@ -225,6 +230,8 @@ int nm_store_push(struct nm_store *s, const void *data, size_t size)
 				join_connect(s, e, s->head);
 			else
 				count_attempt(s, e);
+		} else if (e->kind == NETMON_KIND_ACCEPT) {
+			s->accepts++;
 		}
 	}
 	pthread_mutex_unlock(&s->lock);
@@ -243,7 +250,7 @@ struct nm_counters nm_store_counters(struct nm_store *s)
 
 	pthread_mutex_lock(&s->lock);
 	c = (struct nm_counters){s->head, held(s), s->evicted, s->malformed, s->unmatched,
-				 s->in_flight, 0};
+				 s->in_flight, s->accepts, 0};
 	if (c.size)
 		c.oldest_ts = at(s, s->head - c.size + 1, 0)->ts_ns;
 	pthread_mutex_unlock(&s->lock);
@@ -325,6 +332,23 @@ static int dest_match(const struct nm_filter *f, const struct netmon_event *e)
 	return !rest || ((e->addr[full] ^ f->dest[full]) & (0xff00 >> rest) & 0xff) == 0;
 }
 
+static inline int inet(const struct netmon_event *e)
+{
+	return e->family == AF_INET || e->family == AF_INET6;
+}
+
+/* inet only: the source address within src/src_len, and known (src_port set) */
+static int src_match(const struct nm_filter *f, const struct netmon_event *e)
+{
+	unsigned bits = f->src_len, full = bits / 8, rest = bits % 8;
+
+	if (e->family != f->src_family || !e->src_port)
+		return 0;
+	if (memcmp(e->src_addr, f->src, full) != 0)
+		return 0;
+	return !rest || ((e->src_addr[full] ^ f->src[full]) & (0xff00 >> rest) & 0xff) == 0;
+}
+
 static inline int match(const struct nm_filter *f, const struct netmon_event *e)
 {
 	uint32_t m = f->mask;
@@ -344,6 +368,10 @@ static inline int match(const struct nm_filter *f, const struct netmon_event *e)
 	if ((m & NM_Q_PORT) && e->port != f->port)
 		return 0;
 	if ((m & NM_Q_DEST) && !dest_match(f, e))
+		return 0;
+	if ((m & NM_Q_SPORT) && !(inet(e) && e->src_port == f->sport))
+		return 0;
+	if ((m & NM_Q_SRC) && !src_match(f, e))
 		return 0;
 	return !(m & NM_Q_RESULT) || result_match(m, f->ret, e);
 }
@@ -653,6 +681,16 @@ static size_t group_key(int by, const struct netmon_event *e, uint8_t *key)
 	case NM_BY_PORT:
 		memcpy(key, &e->port, 2);
 		return 2;
+	case NM_BY_SERVICE:
+		memcpy(key, &e->port, 2);
+		memcpy(key + 2, e->comm, NETMON_COMM_LEN);
+		return 2 + NETMON_COMM_LEN;
+	case NM_BY_CLIENT: /* unknown sources (port 0) group together, address zeroed */
+		memcpy(key, &e->family, 2);
+		memset(key + 2, 0, 16);
+		if (inet(e) && e->src_port)
+			memcpy(key + 2, e->src_addr, 16);
+		return 18;
 	default: /* NM_BY_ERROR */
 		memcpy(key, &e->ret, 4);
 		return 4;

@@ -78,6 +78,7 @@ struct nm_store {
 	uint64_t malformed; /* records of the wrong size or kind, not stored */
 	uint64_t unmatched; /* TCP outcomes whose connect event was never seen / gone */
 	uint64_t in_flight; /* TCP attempts waiting for their outcome: not counted yet */
+	uint64_t accepts;   /* accept events ever pushed (monotonic, for metrics) */
 	struct nm_join *waiting;          /* sock_id -> connect event awaiting its outcome */
 	struct netmon_event *early;       /* sock_id -> outcome that came before its connect */
 	struct nm_attempt attempts[NM_ATTEMPT_SLOTS];
@@ -99,6 +100,8 @@ enum {
 	NM_Q_PENDING = 1 << 10, /* nm_result() == NM_R_PENDING */
 	NM_Q_UNKNOWN = 1 << 11, /* nm_result() == NM_R_UNKNOWN */
 	NM_Q_RESULT = NM_Q_OK | NM_Q_ERROR | NM_Q_RET | NM_Q_PENDING | NM_Q_UNKNOWN,
+	NM_Q_SRC = 1 << 12,   /* source address within src/src_len (inet only) */
+	NM_Q_SPORT = 1 << 13, /* src_port == sport (inet only) */
 };
 
 struct nm_filter {
@@ -111,6 +114,10 @@ struct nm_filter {
 	uint8_t dest_len;     /* inet: prefix bits; unix: prefix bytes */
 	uint8_t dest[NETMON_ADDR_LEN];
 	int32_t ret;
+	uint16_t sport;
+	uint8_t src_family; /* AF_INET or AF_INET6 */
+	uint8_t src_len;    /* prefix bits */
+	uint8_t src[16];
 	uint64_t since_ns; /* keep ts >= since_ns (boot clock); 0: no bound */
 	uint64_t until_ns; /* keep ts < until_ns; 0: no bound */
 	uint64_t after_seq; /* keep seq > after_seq */
@@ -122,7 +129,10 @@ struct nm_hit {
 };
 
 /* what top-N groups by */
-enum { NM_BY_DEST = 0, NM_BY_COMM = 1, NM_BY_PID = 2, NM_BY_PORT = 3, NM_BY_ERROR = 4 };
+enum { NM_BY_DEST = 0, NM_BY_COMM = 1, NM_BY_PID = 2, NM_BY_PORT = 3, NM_BY_ERROR = 4,
+       NM_BY_SERVICE = 5, /* (destination port, comm): for accepts, a local service */
+       NM_BY_CLIENT = 6,  /* source address: for accepts, the remote client */
+};
 
 struct nm_top {
 	uint64_t count;
@@ -138,7 +148,7 @@ int nm_store_push(struct nm_store *s, const void *data, size_t size);
 struct nm_counters {
 	uint64_t head;      /* sequence number of the newest record; 0 = none yet */
 	uint64_t size;      /* records held */
-	uint64_t evicted, malformed, unmatched, in_flight; /* as in struct nm_store */
+	uint64_t evicted, malformed, unmatched, in_flight, accepts; /* as in struct nm_store */
 	uint64_t oldest_ts; /* ts_ns of the oldest record held; 0 if none */
 };
 

@@ -11,8 +11,10 @@ from ._core import (
     NETMON_BACKEND_CGROUP,
     NETMON_BACKEND_SYSCALL,
     NETMON_F_INPROGRESS,
+    NETMON_F_NO_OWNER,
     NETMON_F_NO_RESULT,
     NETMON_F_TRUNCATED,
+    NETMON_KIND_ACCEPT,
     NETMON_KIND_CONNECT,
     NETMON_KIND_UDP_SEND,
     NETMON_OUTCOME_ESTABLISHED,
@@ -24,7 +26,8 @@ from ._core import boot_ns as _boot_ns
 from .names import shown
 
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
-KINDS = {NETMON_KIND_CONNECT: "connect", NETMON_KIND_UDP_SEND: "udp_send"}
+KINDS = {NETMON_KIND_CONNECT: "connect", NETMON_KIND_UDP_SEND: "udp_send",
+         NETMON_KIND_ACCEPT: "accept"}
 BACKENDS = {NETMON_BACKEND_SYSCALL: "syscall", NETMON_BACKEND_CGROUP: "cgroup"}
 # why a handshake failed, by -ret (ECONNABORTED: the socket closed mid-handshake without
 # an error, e.g. the caller gave up on it)
@@ -105,16 +108,33 @@ def _return_code(ret: int, flags: int) -> Optional[int]:
     return None if flags & NETMON_F_NO_RESULT else ret
 
 
+def _source(family: int, port: int, addr: bytes):
+    """(ip, port) of the source, (None, None) where the kernel had not chosen it."""
+    if not port:
+        return None, None
+    if family == AF_INET:
+        raw = addr[:4]
+    elif family == AF_INET6:
+        raw = addr
+    else:
+        return None, None
+    if not any(raw):  # a wildcard is not an address the packets carried
+        return None, port
+    return _socket.inet_ntop(family, raw), port
+
+
 class Event(NamedTuple):
     """One connect() attempt (or, kind "udp_send", unconnected UDP datagrams to one
-    destination within a second), immutable."""
+    destination within a second; kind "accept", a TCP connection a listener on this host
+    completed: destination is then the local service and source the remote client, pid
+    and command the process that called listen()), immutable."""
     seq: int
     timestamp: _dt.datetime  # UTC, microseconds
-    pid: int
-    tid: int
-    uid: int
-    cgroup_id: int
-    command: str
+    pid: Optional[int]  # None: an accept whose listener's owner is unknown
+    tid: Optional[int]
+    uid: Optional[int]
+    cgroup_id: Optional[int]
+    command: Optional[str]
     family: int  # AF_* number as the caller gave it
     destination: Optional[str]  # "1.2.3.4:80", "[::1]:443", "/path", "@abstract"; None if none
     ip: Optional[str]
@@ -133,11 +153,14 @@ class Event(NamedTuple):
     latency_us: Optional[int]  # TCP handshake time, once known
     packets: Optional[int]  # udp_send: datagrams in the second
     result: str  # what happened to the attempt: ok, error, pending or unknown (not in JSON)
+    source_ip: Optional[str] = None  # the local address of a connect, the client's of an accept
+    source_port: Optional[int] = None  # None where unknown (never 0)
 
     @classmethod
     def from_row(cls, row, offset_ns: int) -> "Event":
         (seq, ts_ns, cgroup_id, pid, tid, uid, ret, family, port, sock_type, proto, flags,
-         comm, addr, kind, backend, outcome, net_ns, latency_us, packets, result) = row
+         comm, addr, kind, backend, outcome, net_ns, latency_us, packets, result, src_port,
+         src_addr) = row
         result = RESULTS[result]
         ip = dest = None
         out_port = None
@@ -157,9 +180,13 @@ class Event(NamedTuple):
             protocol = PROTOCOLS.get(proto, str(proto)) if proto else None
         else:
             protocol = None
+        source_ip, source_port = _source(family, src_port, src_addr)
+        owned = not flags & NETMON_F_NO_OWNER
         return cls(
-            seq=seq, timestamp=to_datetime(ts_ns + offset_ns), pid=pid, tid=tid, uid=uid,
-            cgroup_id=cgroup_id, command=shown(comm),
+            seq=seq, timestamp=to_datetime(ts_ns + offset_ns), pid=pid if owned else None,
+            tid=tid if owned else None, uid=uid if owned else None,
+            cgroup_id=cgroup_id if owned else None,
+            command=shown(comm) if owned else None,
             family=family, destination=dest, ip=ip, port=out_port,
             socket_type=SOCKET_TYPES.get(sock_type, str(sock_type)) if sock_type else None,
             protocol=protocol,
@@ -170,7 +197,7 @@ class Event(NamedTuple):
             backend=BACKENDS.get(backend, str(backend)), net_ns=net_ns or None,
             outcome=None if udp else _outcome(outcome, ret, flags, protocol),
             latency_us=latency_us or None, packets=packets if udp else None,
-            result=result)
+            result=result, source_ip=source_ip, source_port=source_port)
 
     @property
     def service(self) -> Optional[str]:
@@ -183,6 +210,7 @@ class Event(NamedTuple):
             "seq": self.seq, "pid": self.pid, "tid": self.tid, "uid": self.uid,
             "command": self.command, "destination": self.destination,
             "destination_ip": self.ip, "destination_port": self.port,
+            "source_ip": self.source_ip, "source_port": self.source_port,
             "address_family": self.family, "protocol": self.protocol,
             "socket_type": self.socket_type, "service": self.service,
             "return_code": self.return_code, "error": self.error,

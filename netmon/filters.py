@@ -16,7 +16,8 @@ from .names import name_bytes
 
 # the filters every query takes, by the name the API, its OpenAPI description and
 # `netmon trace` give them (compile_filter's keywords, plus since / until / after_seq)
-FILTER_NAMES = ("pid", "command", "family", "protocol", "port", "dest", "result", "kind")
+FILTER_NAMES = ("pid", "command", "family", "protocol", "port", "dest", "result", "kind",
+                "src", "sport")
 FAMILY_NAMES = {"inet": AF_INET, "inet6": AF_INET6, "unix": AF_UNIX}
 KIND_NUMBERS = {v: k for k, v in KINDS.items()}
 Time = Union[None, _dt.datetime, _dt.timedelta]
@@ -104,6 +105,17 @@ def _dest(v: str):
 RESULT_NAMES = ("ok", "error", "pending", "unknown")
 
 
+def _src(v: str):
+    """An IP or a CIDR: the source address (a connect's local one, an accept's client)."""
+    try:
+        net = ipaddress.ip_network(v, strict=False) if isinstance(v, str) else None
+    except ValueError:
+        net = None
+    if net is None:
+        raise FilterError("src", "must be an IP or a CIDR like 10.0.0.0/8")
+    return (AF_INET if net.version == 4 else AF_INET6), net.network_address.packed, net.prefixlen
+
+
 def _result(v):
     """ok / error / pending / unknown, or an errno name (the failure's errno, whether
     connect() or the handshake gave it; EINPROGRESS: pending non-blocking connects)."""
@@ -139,10 +151,11 @@ def compile_filter(**keywords) -> Filter:
 
 
 def _store_args(*, pid=None, command=None, kind="connect", family=None, protocol=None,
-                port=None, dest=None, result=None, since: Time = None, until: Time = None,
-                after_seq: int = 0) -> dict:
+                port=None, dest=None, result=None, src=None, sport=None, since: Time = None,
+                until: Time = None, after_seq: int = 0) -> dict:
     """Filters -> the keyword arguments of _core.Store queries. kind defaults to connect
-    attempts; pass kind="all" (or None) for every kind."""
+    attempts; pass kind="all" (or None) for every kind. src/sport: the source address
+    (IP or CIDR) and port, which only events with a known source match."""
     q = {"since_ns": boot_ns("since", since), "until_ns": boot_ns("until", until),
          "after_seq": int_in("after", after_seq, 0, 2**63 - 1)}
     if pid is not None:
@@ -169,4 +182,8 @@ def _store_args(*, pid=None, command=None, kind="connect", family=None, protocol
         q["dest"] = _dest(dest)
     if result is not None:
         q["result"] = _result(result)
+    if src is not None:
+        q["src"] = _src(src)
+    if sport is not None:
+        q["sport"] = int_in("sport", sport, 1, 65535)
     return q

@@ -9,7 +9,7 @@ import threading
 import time
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from . import _core, host, privilege
+from . import _core, host, listeners, privilege
 from .event import AF_UNIX, PROTOCOLS, Event, to_datetime, wall_offset_ns
 from .filters import FAMILY_NAMES, Filter, FilterError, compile_filter
 from .host import MonitorError
@@ -100,6 +100,7 @@ class Monitor:
         self._holds = {"held": 0, "expired": 0}
         self._holds_lock = threading.Lock()
         self.started_at: Optional[float] = None  # time.monotonic() at start
+        self._listen_drops_base: Optional[int] = None
 
     # ---- lifecycle ----
 
@@ -110,6 +111,7 @@ class Monitor:
             cgroot, unix_hook = self._choose_backend()
             probe = self._load(unix_hook)
             self._attach(probe, cgroot)
+            self._seed_listeners(probe)
             if self.drop_privileges:  # before the poll thread: capabilities are per thread
                 self._drop_privileges(probe)
             self._start_polling(probe)
@@ -152,6 +154,19 @@ class Monitor:
         finally:
             if cgfd >= 0:
                 os.close(cgfd)  # the links hold the cgroup
+
+    def _seed_listeners(self, probe) -> None:
+        """Owners of the listeners that were there before we attached (the kernel side
+        learns the others at listen()); not when scoped: their accepts are not in scope.
+        Baseline the kernel's listen-drop counter, so stats count from now."""
+        self._listen_drops_base = _listen_drops()
+        if self.cgroup is not None:
+            return
+        n = 0
+        for lst in listeners.existing_listeners(host.cgroup2_root()):
+            n += probe.seed_listener(lst.net_ns, lst.port, lst.pid, lst.uid, lst.cgroup_id,
+                                     lst.comm)
+        log.debug("%d existing listeners' owners recorded", n)
 
     def _drop_privileges(self, probe) -> None:
         """Every capability goes (and the process becomes `user`): see privilege.py."""
@@ -256,10 +271,11 @@ class Monitor:
         return [Event.from_row(r, off) for r in rows]
 
     # Filters, for every query (see netmon.filters.compile_filter): pid, command (exact
-    # comm), kind ("connect" by default, "udp_send", "all" or None for both), family
-    # ("inet", "inet6", "unix" or a number), protocol ("tcp", "udp", ...), port, dest (IP,
-    # CIDR or unix path prefix), result ("ok", "error", "pending", "unknown" or an errno
-    # name: what happened to the attempt, see netmon.filters), since / until
+    # comm), kind ("connect" by default, "udp_send", "accept", "all" or None for every
+    # kind), family ("inet", "inet6", "unix" or a number), protocol ("tcp", "udp", ...),
+    # port, dest (IP, CIDR or unix path prefix), result ("ok", "error", "pending",
+    # "unknown" or an errno name: what happened to the attempt, see netmon.filters),
+    # src (source IP or CIDR), sport (source port), since / until
     # (aware datetime, or timedelta meaning that long ago), after_seq. Bad values:
     # ValueError. Or, instead of keywords, where=compile_filter(...): checked once, reused.
 
@@ -324,7 +340,9 @@ class Monitor:
     def top(self, by: str = "destination", limit: int = 10, where: Optional[Filter] = None,
             **filters) -> Tuple[List[Tuple[Event, int, int]], int, int]:
         """([(the group's newest event, count, failed)], groups, matched): the largest
-        groups by destination, command, pid, port or error (failed attempts only)."""
+        groups by destination, command, pid, port, error (failed attempts only), service
+        (destination port + command: with kind="accept", the local service and the
+        listener) or client (source address: with kind="accept", the remote client)."""
         if by not in _core.TOP_BY:
             raise FilterError("by", f"must be one of {', '.join(_core.TOP_BY)}")
         self._sync()
@@ -393,6 +411,8 @@ class Monitor:
                               "unmatched": c["outcomes_unmatched"]},
             "handshakes_in_flight": c["in_flight"],
             "follow_holds": dict(self._holds),
+            "inbound": self.inbound(),
+            "listeners_untracked": probe.inbound()["listeners_full"] if probe is not None else 0,
             "size": c["size"],
             "capacity": self.capacity,
             "last_seq": c["last_seq"],
@@ -407,6 +427,20 @@ class Monitor:
             "capabilities": privilege.held_capabilities(),
             "uptime_seconds": (time.monotonic() - self.started_at) if self.started_at else 0.0,
         }
+
+    def inbound(self) -> Dict[str, int]:
+        """Inbound TCP handshakes: accepted (accept events ever captured, monotonic) and,
+        counted not stored, those that never completed: closed_port (SYNs answered with
+        RST, no socket wanted them; any namespace), listen_drops (SYNs or handshake ACKs a
+        listener dropped: accept or SYN queue full; the kernel's counter for netmon's own
+        network namespace, since start)."""
+        probe = self._probe
+        kernel = probe.inbound() if probe is not None else {"closed_port": 0}
+        now, base = _listen_drops(), self._listen_drops_base
+        return {"accepted": self._store.counters()["accepts"],
+                "closed_port": kernel["closed_port"],
+                "listen_drops": max(0, now - base) if now is not None and base is not None
+                else 0}
 
     def poll_lag(self) -> Optional[float]:
         """Seconds since the poll loop last drained the ring; None when not running."""
@@ -459,3 +493,17 @@ class Follower:
             m._count_holds(int(new_hold), expired)
         self.cursor = max(self.cursor, upto)
         return evs
+
+
+def _listen_drops() -> Optional[int]:
+    """TcpExt ListenDrops of this network namespace (/proc/net/netstat); None if unreadable."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            row = dict(zip(names.split()[1:], values.split()[1:]))
+            return int(row["ListenDrops"]) if "ListenDrops" in row else None
+    return None

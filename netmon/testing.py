@@ -48,12 +48,14 @@ def record(*, pid: int = 1000, tid: Optional[int] = None, uid: int = 0, comm: st
            ts_ns: Optional[int] = None, age: float = 0.0, flags: int = 0,
            kind: int = NETMON_KIND_CONNECT, backend: int = NETMON_BACKEND_SYSCALL,
            outcome: int = NETMON_OUTCOME_NONE, sock_id: int = 0, net_ns: int = 4026531840,
-           latency_us: int = 0, packets: int = 0) -> bytes:
+           latency_us: int = 0, packets: int = 0, src_ip: Optional[str] = None,
+           src_port: int = 0) -> bytes:
     """One raw record. Defaults: a successful TCP connect to 127.0.0.1:80 just now.
     path= makes it AF_UNIX ('@name' for abstract); ip with ':' makes it AF_INET6;
     age= is seconds before now_ns() (ignored when ts_ns is given, on that same clock).
     kind NETMON_KIND_TCP_OUTCOME with sock_id makes a TCP outcome record (outcome
-    NETMON_OUTCOME_ESTABLISHED, or NETMON_OUTCOME_FAILED with ret)."""
+    NETMON_OUTCOME_ESTABLISHED, or NETMON_OUTCOME_FAILED with ret). src_ip/src_port: the
+    source (for kind NETMON_KIND_ACCEPT the remote client; ip/port then the local service)."""
     if ts_ns is None:
         ts_ns = now_ns() - int(age * 1e9)
     if path is not None:
@@ -71,14 +73,23 @@ def record(*, pid: int = 1000, tid: Optional[int] = None, uid: int = 0, comm: st
         fam, addr, proto = 0, b"", 0
     if sock_type == socket.SOCK_DGRAM and proto == socket.IPPROTO_TCP:
         proto = socket.IPPROTO_UDP
+    src = b""
+    if src_ip is not None:
+        src = socket.inet_pton(socket.AF_INET6 if ":" in src_ip else socket.AF_INET, src_ip)
     fields = dict(
         ts_ns=ts_ns, cgroup_id=cgroup_id, sock_id=sock_id, pid=pid,
         tid=pid if tid is None else tid, uid=uid, ret=ret, net_ns=net_ns,
         latency_us=latency_us, packets=packets, family=fam if family is None else family,
         port=port, protocol=proto if protocol is None else protocol, sock_type=sock_type,
         flags=flags, kind=kind, backend=backend, outcome=outcome, addr_len=len(addr),
-        comm=comm.encode()[:_core.COMM_LEN - 1], addr=addr)
-    return RECORD.pack(*(fields[name] for name in FIELDS))
+        comm=comm.encode()[:_core.COMM_LEN - 1], addr=addr, src_port=src_port, src_addr=src)
+    raw = RECORD.pack(*(fields[name] for name in FIELDS))
+    if fields["family"] not in (socket.AF_INET, socket.AF_INET6):
+        return raw  # the overlays' bytes are a unix path's
+    out = bytearray(raw)
+    for name, (offset, code) in _core.RECORD_OVERLAYS.items():
+        struct.pack_into("<" + code, out, offset, fields[name])
+    return bytes(out)
 
 
 def synthetic_monitor(capacity: int = 4096) -> Monitor:

@@ -1,5 +1,6 @@
 """Child process for kernel tests: names itself (prctl PR_SET_NAME), makes the connects
-described in argv[2] (JSON), prints {"pid", "results": [{"tid", "ret"}]} as JSON."""
+described in argv[2] (JSON), prints {"pid", "results": [{"tid", "ret", "sport"}]} as JSON
+(sport: the local port after a successful inet connect, else null)."""
 import ctypes
 import json
 import socket
@@ -14,7 +15,10 @@ def connect(op, out):
     s = socket.socket(FAMILIES[op["family"]], TYPES[op.get("type", "stream")])
     s.setblocking(not op.get("nonblock", False))
     addr = op["addr"] if isinstance(op["addr"], str) else tuple(op["addr"])
-    out.append({"tid": threading.get_native_id(), "ret": -s.connect_ex(addr)})
+    ret = -s.connect_ex(addr)
+    # the source the kernel chose (inet): what an event's source_port must say
+    sport = s.getsockname()[1] if op["family"] != "unix" and ret == 0 else None
+    out.append({"tid": threading.get_native_id(), "ret": ret, "sport": sport})
     s.close()
 
 

@@ -111,7 +111,7 @@ def _attached_ids():
 def test_nothing_left_on_the_cgroup_root_after_exit_or_kill():
     with Monitor(capacity=1024, backend="cgroup", udp_sends=True) as m:
         ids = {name: s["id"] for name, s in m.program_stats().items()}
-        assert len(ids) == 6
+        assert len(ids) == 7
         tree, links = _attached_ids()
         assert {i for n, i in ids.items() if n.startswith("netmon_cg_")
                 and n != "netmon_cg_connect_unix"} <= tree

@@ -137,7 +137,7 @@ def test_health_and_stats_while_running(mon):
     st = mon.stats()
     assert st["attached"] is True
     assert set(st["programs"]) == {"netmon_connect_enter", "netmon_connect_exit",
-                                   "netmon_tcp_state"}
+                                   "netmon_tcp_state", "netmon_tcp_reset"}
     assert st["poll_lag_seconds"] < 1.0
     assert st["captured"] == st["delivered"] + st["dropped_total"]
 
@@ -162,7 +162,7 @@ def test_drops_are_counted_exactly(cgroup):
 def test_nothing_left_attached_after_exit():
     with Monitor(capacity=1024, backend="syscall") as m:
         ids = {s["id"] for s in m.program_stats().values()}
-        assert len(ids) == 3
+        assert len(ids) == 4
         assert ids <= {p["id"] for p in bpf_ids("prog")}
         assert ids <= {link.get("prog_id") for link in bpf_ids("link")}
     assert not ids & {p["id"] for p in bpf_ids("prog")}

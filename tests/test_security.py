@@ -177,7 +177,7 @@ def test_token_tls_and_dropped_capabilities_end_to_end(tmp_path):
 def test_kill_9_leaves_nothing_attached():
     proc, _, _ = start()
     ids = prog_ids_held_by(proc.pid)
-    assert len(ids) == 4  # the default (auto) here: the cgroup backend
+    assert len(ids) == 5  # the default (auto) here: the cgroup backend (+ the TCP ones)
     proc.kill()
     proc.wait()
     wait_progs_unloaded(ids)

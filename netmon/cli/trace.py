@@ -23,13 +23,14 @@ from .settings import Failure, Parser, UsageError, backend, count, run_command
 
 PROG = "netmon trace"
 SUMMARY = "print connects as they happen, no server"
-PARSER = dict(description="Print every connect() on this host as it happens (no server). "
-                          "Filters combine; they are those of GET /api/events.")
+PARSER = dict(description="Print every connect() on this host as it happens (no server), "
+                          "or with --kind accept every TCP connection a listener here "
+                          "completed. Filters combine; they are those of GET /api/events.")
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 CAPACITY = 65536  # the store only has to hold what the printer has not reached yet
 FAMILIES = {v: k for k, v in FAMILY_NAMES.items()}
-LINE = "{:<15}  {:>7}  {:<15}  {:<6}  {:<28}  {:<5}  {:>8}  {}"
-HEADER = LINE.format("TIME(UTC)", "PID", "COMMAND", "FAMILY", "DESTINATION", "PROTO",
+LINE = "{:<15}  {:>7}  {:<15}  {:<6}  {:<21}  {:<28}  {:<5}  {:>8}  {}"
+HEADER = LINE.format("TIME(UTC)", "PID", "COMMAND", "FAMILY", "SOURCE", "DESTINATION", "PROTO",
                      "LATENCY", "RESULT")
 
 
@@ -47,8 +48,13 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dest", help="an IP, a CIDR (10.0.0.0/8, ::1/128) or a unix path prefix")
     p.add_argument("--result", help="ok, error, pending, unknown or an errno name like "
                                     "ECONNREFUSED")
+    p.add_argument("--src", help="only this source IP or CIDR (a connect's local address, "
+                                 "an accept's client)")
+    p.add_argument("--sport", type=_number, help="only this source port")
     p.add_argument("--kind", default="connect",
-                   help="connect (default), udp_send or all (udp_send needs the cgroup hooks)")
+                   help="connect (default), udp_send, accept (TCP connections a listener "
+                        "here completed: SOURCE is the client) or all (udp_send needs the "
+                        "cgroup hooks)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--count", type=count, metavar="N", help="stop after N events")
     p.add_argument("--backend", type=backend, default="syscall",
@@ -82,18 +88,29 @@ def latency(us: Optional[int]) -> str:
         f"{us / 1e6:.2f}s"
 
 
+def _source(ev: Event) -> str:
+    if ev.source_port is None:
+        return "-"
+    ip = ev.source_ip or "*"
+    return f"[{ip}]:{ev.source_port}" if ":" in ip else f"{ip}:{ev.source_port}"
+
+
 def line(ev: Event) -> str:
     """What happened to the attempt: ok, the failure's errno name (whichever of connect()
     and the handshake gave it), pending (no outcome within the hold) or unknown."""
     if ev.kind == "udp_send":
         result = f"sent {ev.packets}"
+    elif ev.kind == "accept":
+        result = "accepted"
     elif ev.result == "error":
         result = ev.error or "error"
     else:
         result = ev.result
-    return LINE.format(ev.timestamp.strftime("%H:%M:%S.%f"), ev.pid, visible(ev.command),
-                       FAMILIES.get(ev.family, str(ev.family)), visible(ev.destination or "-"),
-                       ev.protocol or "-", latency(ev.latency_us), result)
+    return LINE.format(ev.timestamp.strftime("%H:%M:%S.%f"),
+                       "-" if ev.pid is None else ev.pid, visible(ev.command or "-"),
+                       FAMILIES.get(ev.family, str(ev.family)), _source(ev),
+                       visible(ev.destination or "-"), ev.protocol or "-",
+                       latency(ev.latency_us), result)
 
 
 def _interrupt(*_):
@@ -137,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _start(args: argparse.Namespace) -> Monitor:
     monitor = Monitor(capacity=CAPACITY, backend=args.backend,
-                      udp_sends=args.kind != "connect")
+                      udp_sends=args.kind in ("udp_send", "all"))
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         monitor.start()

@@ -60,6 +60,14 @@ class _Collector:
             yield GaugeMetricFamily("netmon_poll_lag_seconds", "time since the poll thread "
                                     "last drained the kernel ring buffer",
                                     value=stats["poll_lag_seconds"])
+        accepts = CounterMetricFamily(
+            "netmon_tcp_accepts", "inbound TCP handshakes by result: accepted (a listener "
+            "completed it: an accept event), or counted, not stored: closed_port (a SYN "
+            "answered with RST), listen_drops (a full accept or SYN queue, netmon's network "
+            "namespace)", labels=("result",))
+        for result, n in sorted(stats["inbound"].items()):
+            accepts.add_metric((result,), n)
+        yield accepts
         yield InfoMetricFamily("netmon_build", "netmon's version, libbpf's and the backend",
                                value={"version": __version__,
                                       "libbpf_version": _core.libbpf_version(),
@@ -82,6 +90,6 @@ def routes(app: App) -> None:
 
     @app.get("/metrics")
     def prometheus_metrics():
-        """Prometheus metrics: connect attempts by result, drops, store, poll lag."""
+        """Prometheus metrics: connect attempts and accepts by result, drops, store, poll lag."""
         bottle.response.content_type = CONTENT_TYPE
         return generate_latest(reg)

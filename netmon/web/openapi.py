@@ -53,10 +53,17 @@ EVENT = _obj(
     seq={**INT, "description": "1, 2, ... in capture order; the cursor for after= and "
                                "Last-Event-ID"},
     timestamp={**TIME, "description": "UTC, RFC 3339 with microseconds"}, wall_time=TIME,
-    pid=INT, tid=INT, uid=INT, cgroup_id=INT, net_ns=_null(INT),
-    command={**STR, "description": "the calling thread's comm"},
+    pid=_null({**INT, "description": "accept: the process that called listen(); null if "
+                                    "unknown"}),
+    tid=_null(INT), uid=_null(INT), cgroup_id=_null(INT), net_ns=_null(INT),
+    command=_null({**STR, "description": "the calling thread's comm (accept: the "
+                                         "listener's)"}),
     destination=_null({**STR, "description": "1.2.3.4:80, [::1]:443, /path or @abstract"}),
     destination_ip=_null(STR), destination_port=_null(INT), service=_null(STR),
+    source_ip=_null({**STR, "description": "connect: the local address the kernel chose; "
+                                           "accept: the remote client's"}),
+    source_port=_null({"type": "integer", "minimum": 1, "maximum": 65535,
+                       "description": "connect: the local port; accept: the client's"}),
     address_family={"type": "integer", "description": "AF_* as the caller gave it"},
     protocol=_null({**STR, "description": "TCP, UDP, UNIX, ..."}), socket_type=_null(STR),
     return_code=_null({"type": "integer", "description": "what connect() returned: 0 or "
@@ -66,7 +73,7 @@ EVENT = _obj(
     error=_null({**STR, "description": "the errno name of the failure, whether connect() "
                                        "or the handshake reported it; EINPROGRESS only while "
                                        "the handshake is pending; null if nothing failed"}),
-    truncated={"type": "boolean"}, kind={"enum": ["connect", "udp_send"]},
+    truncated={"type": "boolean"}, kind={"enum": ["connect", "udp_send", "accept"]},
     backend={"enum": ["syscall", "cgroup"]},
     outcome=_null({**STR, "description": "TCP: pending, established, refused, timeout, reset, "
                                          "unreachable, aborted, failed; unknown where the "
@@ -76,16 +83,16 @@ EVENT = _obj(
 FILTER_SCHEMA = {"type": "object", "description": "the filters as understood: names "
                  "normalised, times absolute, networks canonical",
                  "required": ["kind"], "properties": {
-                     "kind": {"enum": ["connect", "udp_send", "all"]},
+                     "kind": {"enum": ["connect", "udp_send", "accept", "all"]},
                      "pid": INT, "command": STR, "family": STR, "protocol": STR, "port": INT,
-                     "dest": STR, "result": STR, "since": STR, "until": STR, "after": INT,
-                     "limit": INT}}
+                     "dest": STR, "result": STR, "src": STR, "sport": INT, "since": STR,
+                     "until": STR, "after": INT, "limit": INT}}
 
 STATS = _obj(
     ("captured", "delivered", "dropped", "dropped_total", "evicted", "size", "capacity",
      "last_seq", "oldest_timestamp", "poll_lag_seconds", "programs", "uptime_seconds",
      "backend", "capabilities", "missing_hooks", "outcomes_lost", "connect_attempts", "http",
-     "handshakes_in_flight", "follow_holds"),
+     "handshakes_in_flight", "follow_holds", "inbound", "listeners_untracked"),
     captured={**INT, "description": "delivered + dropped_total"}, delivered=INT,
     dropped={"type": "object", "additionalProperties": INT,
              "description": "records the kernel could not deliver, by reason"},
@@ -99,6 +106,15 @@ STATS = _obj(
     missing_hooks={"type": "array", "items": STR},
     capabilities={"type": "array", "items": STR},
     outcomes_lost={"type": "object", "additionalProperties": INT},
+    inbound={**_obj(("accepted", "closed_port", "listen_drops"), accepted=INT,
+                    closed_port=INT, listen_drops=INT),
+             "description": "inbound TCP handshakes: accepted (accept events ever captured) "
+                            "and, counted not stored, those that never completed: "
+                            "closed_port (SYNs answered with RST: no socket for the port), "
+                            "listen_drops (dropped by a full accept or SYN queue in netmon's "
+                            "network namespace, since start)"},
+    listeners_untracked={**INT, "description": "listen() calls the owner map had no room "
+                                               "for: their accepts carry no process"},
     uptime_seconds={"type": "number"},
     handshakes_in_flight={**INT, "description": "TCP attempts waiting for their handshake's "
                           "outcome: counted in connect_attempts once it arrives"},
@@ -111,7 +127,8 @@ STATS = _obj(
     http={"type": "object", "description": "the HTTP layer's counters"})
 
 TOP_ENTRY = _obj(("count", "failed", "last_seen"), count=INT, failed=INT, last_seen=TIME,
-                 destination=_null(STR), command=STR, pid=INT, port=_null(INT),
+                 destination=_null(STR), command=_null(STR), pid=_null(INT), port=_null(INT),
+                 source_ip=_null(STR),
                  service=_null(STR), error=_null(STR), return_code=_null({"type": "integer"}))
 
 HEALTH = _obj(("status", "service", "version", "uptime_seconds", "events_captured",
@@ -136,8 +153,13 @@ PARAMETERS = {
                      "(failed), pending (handshake under way), unknown (the backend cannot "
                      "tell), or the errno name of the failure like ECONNREFUSED",
                      {"type": "string"}),
-    "kind": _param("kind", "connect (default), udp_send or all",
-                   {"enum": ["connect", "udp_send", "all"]}),
+    "kind": _param("kind", "connect (default), udp_send, accept (TCP connections a "
+                   "listener on this host completed) or all",
+                   {"enum": ["connect", "udp_send", "accept", "all"]}),
+    "src": _param("src", "source IP or CIDR (a connect's local address, an accept's "
+                  "client); only events whose source is known match", {"type": "string"}),
+    "sport": _param("sport", "source port (a connect's local port, an accept's client "
+                    "port)", {"type": "integer", "minimum": 1, "maximum": 65535}),
     "since": _param("since", "RFC 3339 instant, or an age like 300s, 5m, 2h", STR),
     "until": _param("until", "RFC 3339 instant, or an age like 300s, 5m, 2h", STR),
     "after": _param("after", "a cursor: only events with a larger seq (next_after, an "
@@ -258,8 +280,10 @@ SPEC = {
             "operationId": "top",
             "parameters": _params(*FILTER_NAMES) + [
                 _param("by", "what to group by (default destination); error groups failed "
-                       "attempts only", {"enum": ["destination", "command", "pid", "port",
-                                                  "error"]}),
+                       "attempts only; service (port + command) and client (source "
+                       "address) are for kind=accept",
+                       {"enum": ["destination", "command", "pid", "port", "error", "service",
+                                 "client"]}),
                 _param("duration", "seconds back (default 60)",
                        {"type": "integer", "minimum": 1, "maximum": MAX_DURATION}),
                 _param("limit", "groups (default 10)",
@@ -271,7 +295,8 @@ SPEC = {
                                   top={"type": "array", "items": _ref("TopEntry"),
                                        "description": "largest first; each entry carries "
                                        "its key (destination, command, pid and command, "
-                                       "port and service, or error and return_code)"},
+                                       "port and service, error and return_code, port and "
+                                       "command and service, or source_ip)"},
                                   groups=INT, matched=INT, filters=FILTER_SCHEMA),
                              "the largest groups"),
                 "400": ERROR}}},
@@ -285,7 +310,9 @@ SPEC = {
                            "netmon_events_dropped_total{reason}, netmon_outcomes_lost_total"
                            "{reason}, netmon_store_events, netmon_store_capacity, "
                            "netmon_poll_lag_seconds, netmon_build_info{version,"
-                           "libbpf_version,backend}, netmon_http_auth_failures_total",
+                           "libbpf_version,backend}, netmon_http_auth_failures_total, "
+                           "netmon_tcp_accepts_total{result}: accepted, closed_port, "
+                           "listen_drops",
             "responses": {"200": {"description": "text format 0.0.4",
                                   "content": {"text/plain": {"schema": STR}}}}}},
         "/openapi.json": {"get": {"summary": "This document", "operationId": "openapi",

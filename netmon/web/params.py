@@ -16,7 +16,7 @@ from ..filters import FILTER_NAMES, Filter, FilterError, compile_filter, parse_t
 from .limits import MAX_BODY_BYTES
 
 JSON_MSG = "invalid JSON request body"
-NUMERIC = {"pid", "port", "after", "limit", "duration"}  # decimal text becomes an int
+NUMERIC = {"pid", "port", "sport", "after", "limit", "duration"}  # decimal text becomes an int
 _MIN_TIME = _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
 
 
@@ -114,6 +114,8 @@ def understood(where: Filter) -> dict:
             out[k] = v if v in ("ok", "error") else v.upper()
         elif k == "dest":
             out[k] = v if v[0] in "/@" else str(ipaddress.ip_network(v, strict=False))
+        elif k == "src":
+            out[k] = str(ipaddress.ip_network(v, strict=False))
         elif k in ("since", "until"):
             out[k] = _instant(v)
         elif k == "after_seq":

@@ -1,5 +1,6 @@
-"""GET /api/top: the largest groups (by destination, command, pid, port or error) of the
-last `duration` seconds."""
+"""GET /api/top: the largest groups (by destination, command, pid, port, error, or for
+accepts service (local port + listener command) and client (remote address)) of the last
+`duration` seconds."""
 from __future__ import annotations
 
 from ..event import rfc3339
@@ -17,7 +18,9 @@ def _top_entry(by: str, ev, count: int, failed: int) -> dict:
            "command": {"command": ev.command},
            "pid": {"pid": ev.pid, "command": ev.command},
            "port": {"port": ev.port, "service": ev.service},
-           "error": {"error": ev.error, "return_code": ev.return_code}}[by]
+           "error": {"error": ev.error, "return_code": ev.return_code},
+           "service": {"port": ev.port, "command": ev.command, "service": ev.service},
+           "client": {"source_ip": ev.source_ip}}[by]
     return {**key, "count": count, "failed": failed, "last_seen": rfc3339(ev.timestamp)}
 
 

@@ -58,9 +58,14 @@ LOADS = {  # name: (loadgen arguments, label, what netmon should account for eac
     "sendto": (["-s", "-n", "150000"],
                "unconnected UDP sendto loop, 127.0.0.1:9 (150k datagrams, one socket)",
                "udp_send"),
+    "accept": (["-t", "-n", "20000"], "TCP accept loop, 127.0.0.1: the tcp load counted by "
+               "its accept events (20k calls)", "accept"),
 }
+# BENCH_LOADS=tcp,accept: only these loads (default all)
+LOADS = {k: v for k, v in LOADS.items()
+         if k in os.environ.get("BENCH_LOADS", ",".join(LOADS)).split(",")}
 BACKENDS = ("syscall", "cgroup")  # both in every pair; `--udp-sends` added for udp_send loads
-RATIO_TARGET = {"udp": 0.83, "tcp": 0.90, "udp6": 0.83}
+RATIO_TARGET = {"udp": 0.83, "tcp": 0.90, "udp6": 0.83, "accept": 0.90}
 # the backend verdict: cgroup "at least as good" as syscall, pair by pair, within the noise:
 # its load rate ≥ 0.97× syscall's and its netmon CPU ≤ 1.10× (process CPU is the noisier one)
 VERDICT_RATE, VERDICT_CPU = 0.97, 1.10
@@ -226,10 +231,14 @@ class Netmon:
 
     def stored_for(self, pid: int, kind: str = "connect") -> int:
         """connect: the pid's attempts (POST /api/connection-summary counts kind "connect",
-        which both backends produce); udp_send: the sum of `packets` over its events."""
+        which both backends produce); accept: the accept events of its listener; udp_send:
+        the sum of `packets` over its events."""
         if kind == "connect":
             return self.client.request("POST", "/api/connection-summary",
                                        {"pid": pid, "duration": 3600})[1]["total_attempts"]
+        if kind == "accept":
+            return self.client.request(
+                "GET", f"/api/events?kind=accept&pid={pid}&limit=1")[1]["matched"]
         evs = self.client.request(
             "GET", f"/api/events?kind=udp_send&pid={pid}&limit=10000")[1]["events"]
         return sum(e["packets"] for e in evs)
@@ -291,7 +300,8 @@ def run_monitored(args, backend: str, kind) -> dict:
     """One fresh netmon with `backend`: price its idle process, run the load (bpf_stats
     off: counting costs ~0.3 µs per connect here and would bias the ratio), then a
     quarter-length run with kernel.bpf_stats_enabled=1 for the kernel's time per program.
-    kind: what each call should leave in the store ("connect", "udp_send" or None)."""
+    kind: what each call should leave in the store ("connect", "accept", "udp_send" or
+    None)."""
     nm = Netmon("--backend", backend, *(["--udp-sends"] if kind == "udp_send" else []))
     time.sleep(0.1)  # let start-up settle, then price the idle process (its poll timer)
     i0, t0 = cpu_ns(nm.pid), time.monotonic()
