@@ -51,7 +51,17 @@ _LENGTH = re.compile(rb"[0-9]{1,15}")
 _LISTS = frozenset(cheroot_server.comma_separated_headers)  # may repeat: values join
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 TRIM_AFTER_BYTES = 1 << 20  # after an answer this large, give freed memory back
-_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; musl has none
+_libc = ctypes.CDLL(None)
+_malloc_trim = getattr(_libc, "malloc_trim", None)  # glibc's; musl has none
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def map_large_blocks() -> None:
+    """Blocks of 256 KiB and more get their own mappings, returned to the kernel when
+    freed. glibc's default threshold rises after each large free, so the next large
+    answer's buffers would land in an arena that never shrinks."""
+    if hasattr(_libc, "mallopt"):
+        _libc.mallopt(M_MMAP_THRESHOLD, 256 << 10)
 
 
 def release_memory() -> None:

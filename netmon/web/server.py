@@ -50,6 +50,7 @@ class _WSGIServer(wsgi.Server):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        intake.map_large_blocks()
         self.streams: set = set()  # connections answering with an event stream
         self._admission = intake.Admission()
         self.admit = self._admission.admit
