@@ -10,7 +10,7 @@ APT_PKGS := clang llvm libbpf-dev libelf-dev zlib1g-dev bpftool pkg-config make 
 # kernel tests must run, not skip; NETMON_REQUIRE_BPF= make test runs without root
 export NETMON_REQUIRE_BPF ?= 1
 
-.PHONY: check-deps deps build run run-dev test lint fmt wheel clean
+.PHONY: check-deps deps build run run-dev test lint fmt wheel binary clean
 
 check-deps:
 	@missing=""; for p in $(APT_PKGS); do \
@@ -62,6 +62,36 @@ wheel: deps
 	$(PY) -m build --wheel --outdir dist
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" auditwheel repair -w wheelhouse dist/netmon-*.whl
 	@ls wheelhouse/*.whl
+
+# The single binary: dist/netmon-<version>-linux-<arch>, one executable with Python, the
+# extension, libbpf, libelf and every dependency inside; see README "Single binary".
+# PyInstaller --onefile freezes a clean (non-editable) install; staticx then bundles
+# glibc and the loader too, so the file runs on any Linux of the architecture (older
+# glibc, musl, FROM scratch), not only on hosts with this build host's glibc.
+# Debian's python3: its libraries carry no RPATH (staticx refuses those that do, as a
+# pyenv build's do). Everything comes from Debian's packages and PyPI.
+BINARY_PYTHON ?= /usr/bin/python3
+BINARY_APT_PKGS := mmdebstrap libpython3-dev binutils
+BINARY_BUILD := build/binary
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' netmon/_version.py)
+ARCH := $(shell dpkg --print-architecture 2>/dev/null || uname -m)
+BINARY := dist/netmon-$(VERSION)-linux-$(ARCH)
+
+binary: deps
+	@$(MAKE) -s APT_PKGS="$(BINARY_APT_PKGS)" check-deps >/dev/null 2>&1 || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BINARY_APT_PKGS); }
+	rm -rf $(BINARY_BUILD) && mkdir -p $(BINARY_BUILD) dist
+	$(BINARY_PYTHON) -m venv $(BINARY_BUILD)/venv
+	$(BINARY_BUILD)/venv/bin/pip install -q --upgrade pip
+	$(BINARY_BUILD)/venv/bin/pip install -q '.[binary]'
+	printf 'import sys\nfrom netmon.cli import main\nsys.exit(main())\n' > $(BINARY_BUILD)/main.py
+	cd $(BINARY_BUILD) && venv/bin/pyinstaller --onefile --strip --noconfirm --log-level WARN \
+	  --name netmon --collect-submodules netmon --collect-data netmon \
+	  --distpath frozen --workpath work --specpath . main.py
+	PATH="$(CURDIR)/$(BINARY_BUILD)/venv/bin:$$PATH" \
+	  staticx --no-compress --strip $(BINARY_BUILD)/frozen/netmon $(BINARY)
+	chmod 755 $(BINARY)
+	@ls -l $(BINARY) && $(BINARY) --version
 
 clean:
 	rm -rf build dist wheelhouse *.egg-info netmon/*.so ext/_core.c .pytest_cache

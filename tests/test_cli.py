@@ -1,6 +1,7 @@
 """The `netmon` command line: flags, environment, and failures that need no root."""
 import argparse
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -28,7 +29,9 @@ def test_help(capsys):
 
 def test_version(capsys):
     assert cli.main(["--version"]) == 0
-    assert capsys.readouterr().out == f"netmon {netmon.__version__}\n"
+    libbpf = netmon._core.libbpf_version().lstrip("v")
+    assert capsys.readouterr().out == (f"netmon {netmon.__version__} (libbpf {libbpf}, "
+                                       f"Python {platform.python_version()})\n")
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -15,7 +15,7 @@ from ..monitor import Monitor, MonitorError
 from ..web import make_app
 from ..web.guard import Guard, SecurityError, is_loopback, read_token
 from ..web.server import SERVICE_SIGNALS, Server, ServerError, ShutdownSignals, host_port
-from .settings import EXIT_RUNTIME, EXIT_USAGE, Failure, add_settings, apply_env
+from .settings import EXIT_RUNTIME, EXIT_USAGE, Failure, add_settings, apply_env, version_line
 
 log = logging.getLogger("netmon")
 
@@ -50,7 +50,7 @@ PARSER = dict(description="Watch every connect() on this host with eBPF and answ
 
 def add_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_settings(parser)
-    parser.add_argument("--version", action="version", version=f"netmon {__version__}")
+    parser.add_argument("--version", action="version", version=version_line())
     return parser
 
 

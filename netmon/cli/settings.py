@@ -4,10 +4,13 @@ at run time or 2 for a bad flag or environment value)."""
 from __future__ import annotations
 
 import argparse
+import platform
 import re
 import sys
 from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Tuple
 
+from .. import _core
+from .._version import __version__
 from ..monitor import (
     BACKENDS,
     DEFAULT_CAPACITY,
@@ -36,6 +39,13 @@ class Failure(Exception):
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse would print the usage and exit
         raise UsageError(message)
+
+
+def version_line() -> str:
+    """`netmon --version`: netmon's version and those of the libbpf and Python it runs
+    on, which differ between a pip install (the host's) and the single binary (its own)."""
+    libbpf = _core.libbpf_version().lstrip("v")
+    return f"netmon {__version__} (libbpf {libbpf}, Python {platform.python_version()})"
 
 
 def fail(prog: str, message: str, code: int) -> int:
