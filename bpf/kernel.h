@@ -111,6 +111,11 @@ struct bpf_sock_addr_kern {
 	__u32 uaddrlen;
 };
 
+/* what a cgroup_skb program's context points at in the kernel */
+struct sk_buff {
+	struct sock *sk;
+};
+
 #pragma clang attribute pop
 
 #endif

@@ -619,3 +619,90 @@ int netmon_cg_sendmsg6(struct bpf_sock_addr *ctx)
 	udp_send(ctx, 1);
 	return 1;
 }
+
+/* ---- DNS answers (optional) ----
+ * A cgroup_skb/ingress program on the same cgroup as the hooks runs for every packet a
+ * socket in it receives. It looks only at the IP and transport headers (already pulled
+ * into the linear area by the time a socket receives the packet) and lets everything
+ * through; only UDP/TCP payloads from source port 53 go to user space, on a ring of their
+ * own, without waking the reader (user space drains it on a timer and before queries). */
+#define IPPROTO_UDP 17
+#define DNS_PORT_BE 0x3500 /* htons(53) */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 2 << 20);
+} dns_rb SEC(".maps");
+
+/* header + payload are assembled here (too large for the stack); twice NETMON_DNS_MAX
+ * so the verifier's view of the masked length stays inside it */
+struct dns_scratch {
+	struct netmon_dns h;
+	__u8 data[2 * NETMON_DNS_MAX];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct dns_scratch);
+} dns_scratch SEC(".maps");
+
+static __always_inline int dns_to_user(struct __sk_buff *skb, __u32 off, __u16 family,
+				       __u16 protocol)
+{
+	struct sk_buff *kskb = bpf_cast_to_kern_ctx(skb);
+	struct dns_scratch *s = bpf_map_lookup_elem(&dns_scratch, &(__u32){0});
+	__u64 n;
+
+	if (!s || skb->len <= off)
+		return 1; /* no payload: a bare TCP ACK/FIN */
+	s->h.ts_ns = bpf_ktime_get_boot_ns();
+	s->h.net_ns = BPF_CORE_READ(kskb, sk, __sk_common.skc_net.net, ns.inum);
+	s->h.len = skb->len - off;
+	s->h.family = family;
+	s->h.protocol = protocol;
+	s->h.pad = 0;
+	n = s->h.len > NETMON_DNS_MAX ? NETMON_DNS_MAX : s->h.len;
+	asm volatile("%0 &= 0x1fff" : "+r"(n)); /* see netmon_connect_enter */
+	if (n == 0 || bpf_skb_load_bytes(skb, off, s->data, n) < 0)
+		return 1;
+	if (bpf_ringbuf_output(&dns_rb, s, sizeof(s->h) + n, BPF_RB_NO_WAKEUP) < 0)
+		count_drop(NETMON_DROP_DNS_FULL);
+	return 1;
+}
+
+SEC("cgroup_skb/ingress")
+int netmon_dns_ingress(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	__u8 *ip = data, *l4;
+	__u32 hlen;
+	__u16 family;
+	__u8 proto;
+
+	if (data + 40 > end) /* IPv6's header; IPv4's is checked below */
+		if (data + 20 > end || (ip[0] >> 4) != 4)
+			return 1;
+	if ((ip[0] >> 4) == 4) {
+		hlen = (ip[0] & 0xf) * 4;
+		proto = ip[9];
+		family = AF_INET;
+	} else if ((ip[0] >> 4) == 6) {
+		hlen = 40; /* extension headers before UDP/TCP are not followed */
+		proto = ip[6];
+		family = AF_INET6;
+	} else {
+		return 1;
+	}
+	if (proto != IPPROTO_UDP && proto != IPPROTO_TCP)
+		return 1;
+	l4 = data + hlen;
+	if ((void *)(l4 + 14) > end) /* source port .. TCP data offset */
+		return 1;
+	if (*(__u16 *)l4 != DNS_PORT_BE) /* the source port */
+		return 1;
+	if (proto == IPPROTO_UDP)
+		return dns_to_user(skb, hlen + 8, family, proto);
+	return dns_to_user(skb, hlen + (l4[12] >> 4) * 4, family, proto);
+}

@@ -50,7 +50,8 @@ enum netmon_drop {
 	NETMON_DROP_NO_ENTER = 2, /* exit without a matching enter */
 	NETMON_DROP_OUTCOME = 3, /* a TCP outcome found the ring full (its event stays pending) */
 	NETMON_DROP_UDP_FLOWS_FULL = 4, /* a UDP send's (process, destination) found no room */
-	NETMON_DROP_MAX = 5,
+	NETMON_DROP_DNS_FULL = 5, /* a DNS answer found the dns ring full */
+	NETMON_DROP_MAX = 6,
 };
 
 /* per-CPU counters of inbound TCP handshakes that never completed: counted, not stored,
@@ -141,5 +142,21 @@ _Static_assert(sizeof(struct netmon_event) == 128, "netmon_event must be 128 byt
 _Static_assert(__builtin_offsetof(struct netmon_event, inet_pad) + 14 ==
 	       __builtin_offsetof(struct netmon_event, addr) + NETMON_ADDR_LEN,
 	       "the inet source must lie within addr");
+
+/* DNS answers: the payload of a UDP datagram or TCP segment from source port 53, as a
+ * socket on the host received it, on a ring of its own (dns_rb). Variable size: this
+ * header, then min(len, NETMON_DNS_MAX) payload bytes. */
+#define NETMON_DNS_MAX 4096
+
+struct netmon_dns {
+	__u64 ts_ns;     /* bpf_ktime_get_boot_ns() when the socket received it */
+	__u32 net_ns;    /* network namespace inode of the receiving socket; 0 if unknown */
+	__u32 len;       /* payload bytes in the packet (more than follow: cut at NETMON_DNS_MAX) */
+	__u16 family;    /* AF_INET / AF_INET6 of the packet */
+	__u16 protocol;  /* IPPROTO_UDP=17 or IPPROTO_TCP=6 */
+	__u32 pad;
+};
+
+_Static_assert(sizeof(struct netmon_dns) == 24, "netmon_dns must be 24 bytes");
 
 #endif
