@@ -6,7 +6,7 @@ record into the store under its mutex. Python tuples are made only for what a qu
 returns, after the store's lock is released.
 """
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
 from libc.errno cimport EINVAL, errno
 from cpython.bytes cimport PyBytes_FromStringAndSize
@@ -33,6 +33,9 @@ cdef extern from "store.h" nogil:
         NM_Q_UNKNOWN
         NM_Q_SRC
         NM_Q_SPORT
+        NM_Q_NAME
+    struct nm_name_window:
+        pass
     struct nm_filter:
         uint32_t mask
         uint32_t pid
@@ -52,6 +55,8 @@ cdef extern from "store.h" nogil:
         uint64_t since_ns
         uint64_t until_ns
         uint64_t after_seq
+        const nm_name_window *names
+        uint64_t n_names
     struct nm_hit:
         uint64_t seq
         netmon_event ev
@@ -134,6 +139,7 @@ cdef extern from "netmon.skel.h" nogil:
         bpf.bpf_map *udp_flows
         bpf.bpf_map *listeners
         bpf.bpf_map *inbound
+        bpf.bpf_map *dns_rb
     ctypedef struct netmon_bpf_progs "__typeof__(((struct netmon_bpf *)0)->progs)":
         bpf.bpf_program *netmon_connect_enter
         bpf.bpf_program *netmon_connect_exit
@@ -144,6 +150,7 @@ cdef extern from "netmon.skel.h" nogil:
         bpf.bpf_program *netmon_cg_connect_unix
         bpf.bpf_program *netmon_cg_sendmsg4
         bpf.bpf_program *netmon_cg_sendmsg6
+        bpf.bpf_program *netmon_dns_ingress
     struct netmon_bpf__rodata_cfg:  # the .rodata.cfg section
         nm.netmon_config netmon_cfg
     struct netmon_bpf:
@@ -235,9 +242,9 @@ NETMON_BACKEND_SYSCALL, NETMON_BACKEND_CGROUP = (
  NETMON_OUTCOME_FAILED) = (nm.NETMON_OUTCOME_NONE, nm.NETMON_OUTCOME_PENDING,
                            nm.NETMON_OUTCOME_ESTABLISHED, nm.NETMON_OUTCOME_FAILED)
 DROP_REASONS = ("ringbuf_full", "inflight_full", "no_enter", "outcome_ringbuf_full",
-                "udp_flows_full")
+                "udp_flows_full", "dns_ringbuf_full")
 BPF_CGROUP_UNIX_CONNECT = 49  # Linux 6.7+; not in libbpf 1.1's headers
-TOP_BY = ("destination", "command", "pid", "port", "error", "service", "client")
+TOP_BY = ("destination", "command", "pid", "port", "error", "service", "client", "name")
 # what happened to an attempt (ext/store.h, nm_result), by the code a row carries
 RESULTS = {NM_R_OK: "ok", NM_R_ERROR: "error", NM_R_PENDING: "pending",
            NM_R_UNKNOWN: "unknown"}
@@ -246,6 +253,9 @@ RET_UNKNOWN, RET_PENDING, RET_OTHER = NM_RET_UNKNOWN, NM_RET_PENDING, NM_RET_OTH
 cdef uint64_t BPF_NOEXIST = 1
 # inbound TCP handshakes counted, not stored (enum netmon_inbound)
 INBOUND_REASONS = ("closed_port", "listeners_full")
+NAME_WINDOW_SIZE = sizeof(nm_name_window)
+DNS_HEADER_SIZE = sizeof(nm.netmon_dns)
+DNS_MAX = nm.NETMON_DNS_MAX
 assert len(DROP_REASONS) == nm.NETMON_DROP_MAX
 assert len(INBOUND_REASONS) == nm.NETMON_INBOUND_MAX
 
@@ -350,7 +360,10 @@ cdef class Store:
         "unknown" or -errno: the errno the error field names), dest ((family, address
         bytes, prefix: bits for inet, bytes for unix)), src ((family, address bytes,
         prefix bits)), sport, since_ns, until_ns, after_seq;
-        None or absent = any."""
+        None or absent = any. names: (table, is_filter): a bytes table of nm_name_window
+        (sorted; see store.h) that keeps only events in one of its windows if is_filter,
+        and that top by "name" groups by. The table must outlive the query: q holds it."""
+        cdef const unsigned char[:] table
         memset(f, 0, sizeof(nm_filter))
         pid, comm, family = q.get("pid"), q.get("comm"), q.get("family")
         protocol, port, result = q.get("protocol"), q.get("port"), q.get("result")
@@ -410,6 +423,15 @@ cdef class Store:
         f.since_ns = q.get("since_ns") or 0
         f.until_ns = q.get("until_ns") or 0
         f.after_seq = q.get("after_seq") or 0
+        names = q.get("names")
+        if names is not None:
+            table, is_filter = names
+            if table.shape[0] % sizeof(nm_name_window):
+                raise ValueError("names: not a table of nm_name_window")
+            f.n_names = table.shape[0] // sizeof(nm_name_window)
+            f.names = <const nm_name_window *>&table[0] if f.n_names else NULL
+            if is_filter:
+                f.mask |= NM_Q_NAME
         return 0
 
     def query(self, uint64_t limit=0, bint newest=True, **q):
@@ -498,6 +520,28 @@ cdef int _on_record(void *ctx, void *data, size_t size) noexcept nogil:
     return nm_store_push(<nm_store *>ctx, data, size)
 
 
+cdef struct dns_buf:
+    # DNS records drained from dns_rb by one dns_read(): each a size_t length, then bytes
+    char *p
+    size_t n, cap
+
+
+cdef int _on_dns(void *ctx, void *data, size_t size) noexcept nogil:
+    cdef dns_buf *b = <dns_buf *>ctx
+    cdef size_t need = b.n + sizeof(size_t) + size, cap
+    cdef char *p
+    if need > b.cap:
+        cap = max(need, 2 * b.cap, <size_t>65536)
+        p = <char *>realloc(b.p, cap)
+        if p == NULL:
+            return 0  # this record is lost; dns_read reports the shortfall
+        b.p, b.cap = p, cap
+    memcpy(b.p + b.n, &size, sizeof(size_t))
+    memcpy(b.p + b.n + sizeof(size_t), data, size)
+    b.n = need
+    return 0
+
+
 cdef class Probe:
     """The loaded BPF object (its generated skeleton), its links and its ring buffer,
     feeding one Store.
@@ -507,19 +551,24 @@ cdef class Probe:
     The links live in the skeleton: one slot a program, released in one place.
     """
     cdef netmon_bpf *skel
+    cdef bpf.ring_buffer *dns_rb
+    cdef dns_buf dns
     cdef nm_poll_state st
     cdef Store store
 
     def __cinit__(self):
         self.skel = NULL
         nm_state_init(&self.st)
+        self.dns_rb = NULL
+        memset(&self.dns, 0, sizeof(self.dns))
 
     def __init__(self, Store store not None, uint32_t ringbuf_bytes, uint64_t wakeup_bytes,
                  bint debug=False, str backend="syscall", bint udp_sends=False,
-                 bint unix_hook=True, bint scoped=False):
+                 bint unix_hook=True, bint scoped=False, bint dns_names=False):
         """Open and load the programs `backend` needs (+ the UDP send hooks); unix_hook:
         the kernel has BPF_CGROUP_UNIX_CONNECT (cgroup backend only); scoped: watch only
-        the cgroup given to attach() and below it, not the whole host."""
+        the cgroup given to attach() and below it, not the whole host; dns_names: the
+        cgroup_skb program that passes DNS answers to dns_read()."""
         cdef int err
         if backend not in ("syscall", "cgroup"):
             raise ValueError(f"backend must be syscall or cgroup, got {backend!r}")
@@ -531,6 +580,7 @@ cdef class Probe:
         if self.skel == NULL:
             raise OSError(errno, "cannot open the embedded BPF object")
         self._autoload(backend == "cgroup", udp_sends, unix_hook)
+        bpf.bpf_program__set_autoload(self.skel.progs.netmon_dns_ingress, dns_names)
         err = bpf.bpf_map__set_max_entries(self.skel.maps.events, ringbuf_bytes)
         if err:
             raise OSError(-err, "cannot size the ring buffer")
@@ -548,6 +598,33 @@ cdef class Probe:
             raise OSError(-err, "cannot set up the ring buffer consumer")
         if udp_sends:
             self.st.udp_fd = bpf.bpf_map__fd(self.skel.maps.udp_flows)
+        if dns_names:
+            self.dns_rb = bpf.ring_buffer__new(bpf.bpf_map__fd(self.skel.maps.dns_rb), _on_dns,
+                                               &self.dns, NULL)
+            if self.dns_rb == NULL:
+                raise OSError(errno, "cannot set up the DNS ring buffer consumer")
+
+    def dns_read(self):
+        """The DNS records waiting in dns_rb (none if the program is not loaded): a list
+        of bytes, each a struct netmon_dns header and its payload. Never blocks; one
+        caller at a time (libbpf's consumer is single-threaded)."""
+        cdef int got
+        cdef size_t off = 0, size
+        out = []
+        if self.dns_rb == NULL:
+            return out
+        with nogil:
+            got = bpf.ring_buffer__consume(self.dns_rb)
+        try:
+            while off < self.dns.n:
+                memcpy(&size, self.dns.p + off, sizeof(size_t))
+                out.append(PyBytes_FromStringAndSize(self.dns.p + off + sizeof(size_t), size))
+                off += sizeof(size_t) + size
+        finally:
+            self.dns.n = 0
+        if got < 0:
+            raise OSError(-got, "cannot read the DNS ring buffer")
+        return out
 
     cdef void _autoload(self, bint cgroup, bint udp_sends, bint unix_hook):
         """Load only the programs of one backend; the TCP outcome program serves both."""
@@ -590,7 +667,8 @@ cdef class Probe:
             if bpf.bpf_program__fd(p) < 0 or s.progs[i].link[0] != NULL:
                 continue  # not loaded (another backend's), or attached already
             name = bpf.bpf_program__name(p).decode()
-            cgroup = bpf.bpf_program__type(p) == bpf.BPF_PROG_TYPE_CGROUP_SOCK_ADDR
+            cgroup = bpf.bpf_program__type(p) in (bpf.BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                                                   bpf.BPF_PROG_TYPE_CGROUP_SKB)
             if cgroup and cgroup_fd < 0:
                 self.detach()
                 raise OSError(EINVAL, f"{name} needs a cgroup to attach to")
@@ -723,6 +801,12 @@ cdef class Probe:
     cdef void _release(self) noexcept:
         self._detach()
         nm_ring_close(&self.st)
+        if self.dns_rb != NULL:
+            bpf.ring_buffer__free(self.dns_rb)
+            self.dns_rb = NULL
+        free(self.dns.p)
+        self.dns.p = NULL
+        self.dns.n = self.dns.cap = 0
         netmon_bpf__destroy(self.skel)  # NULL: a no-op
         self.skel = NULL
 

@@ -50,6 +50,7 @@ cdef extern from "<bpf/bpf.h>" nogil:
 cdef extern from "<linux/bpf.h>" nogil:
     enum:
         BPF_PROG_TYPE_CGROUP_SOCK_ADDR
+        BPF_PROG_TYPE_CGROUP_SKB
     struct bpf_prog_info:
         uint32_t id
         uint64_t run_time_ns

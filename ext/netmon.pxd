@@ -13,6 +13,7 @@ cdef extern from "netmon.h" nogil:
         NETMON_F_NO_RESULT
         NETMON_F_INPROGRESS
         NETMON_F_NO_OWNER
+        NETMON_DNS_MAX
 
     enum netmon_kind:
         NETMON_KIND_CONNECT
@@ -76,3 +77,10 @@ cdef extern from "netmon.h" nogil:
         char comm[NETMON_COMM_LEN]
         uint8_t addr[NETMON_ADDR_LEN]
         uint8_t src_addr[16]
+
+    struct netmon_dns:
+        uint64_t ts_ns
+        uint32_t net_ns
+        uint32_t len
+        uint16_t family
+        uint16_t protocol

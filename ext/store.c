@@ -349,6 +349,41 @@ static int src_match(const struct nm_filter *f, const struct netmon_event *e)
 	return !rest || ((e->src_addr[full] ^ f->src[full]) & (0xff00 >> rest) & 0xff) == 0;
 }
 
+_Static_assert(sizeof(struct nm_name_window) == 48, "nm_name_window is 48 bytes");
+
+/* the group of the names window e's (net_ns, destination, ts) falls in; 0 if none */
+static uint32_t name_group(const struct nm_filter *f, const struct netmon_event *e)
+{
+	uint8_t key[24] = {0};
+	uint16_t family = e->family;
+	const uint8_t *addr = e->addr;
+	uint64_t lo = 0, hi = f->n_names;
+	static const uint8_t v4mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+
+	if (family == AF_INET6 && e->addr_len == 16 && memcmp(addr, v4mapped, 12) == 0) {
+		family = AF_INET;
+		addr += 12;
+	} else if (!((family == AF_INET && e->addr_len == 4) ||
+		     (family == AF_INET6 && e->addr_len == 16))) {
+		return 0;
+	}
+	memcpy(key, &e->net_ns, 4);
+	memcpy(key + 4, &family, 2);
+	memcpy(key + 8, addr, family == AF_INET ? 4 : 16);
+	while (lo < hi) { /* the first window of this (net_ns, address) */
+		uint64_t mid = lo + (hi - lo) / 2;
+
+		if (memcmp(&f->names[mid], key, 24) < 0)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	for (; lo < f->n_names && memcmp(&f->names[lo], key, 24) == 0; lo++)
+		if (f->names[lo].from_ns <= e->ts_ns && e->ts_ns < f->names[lo].to_ns)
+			return f->names[lo].group;
+	return 0;
+}
+
 static inline int match(const struct nm_filter *f, const struct netmon_event *e)
 {
 	uint32_t m = f->mask;
@@ -372,6 +407,8 @@ static inline int match(const struct nm_filter *f, const struct netmon_event *e)
 	if ((m & NM_Q_SPORT) && !(inet(e) && e->src_port == f->sport))
 		return 0;
 	if ((m & NM_Q_SRC) && !src_match(f, e))
+		return 0;
+	if ((m & NM_Q_NAME) && !name_group(f, e))
 		return 0;
 	return !(m & NM_Q_RESULT) || result_match(m, f->ret, e);
 }
@@ -663,9 +700,16 @@ int nm_store_latest_per_pid(struct nm_store *s, const struct nm_filter *f, uint6
 
 /* ---- top-N ---- */
 
-static size_t group_key(int by, const struct netmon_event *e, uint8_t *key)
+static size_t group_key(const struct nm_filter *f, int by, const struct netmon_event *e,
+			uint8_t *key)
 {
+	uint32_t group;
+
 	switch (by) {
+	case NM_BY_NAME:
+		group = name_group(f, e);
+		memcpy(key, &group, 4);
+		return 4;
 	case NM_BY_DEST:
 		memcpy(key, &e->family, 2);
 		memcpy(key + 2, &e->port, 2);
@@ -773,10 +817,10 @@ int nm_store_top(struct nm_store *s, const struct nm_filter *f, int by, uint64_t
 		count++;
 		if ((used + 1) * 2 > cap && (err = grow(&g, &cap)))
 			goto out;
-		klen = group_key(by, e, key);
+		klen = group_key(f, by, e, key);
 		h = key_hash(key, klen);
 		for (j = h & (cap - 1); g[j].hash; j = (j + 1) & (cap - 1)) {
-			if (g[j].hash == h && group_key(by, &s->ring[g[j].slot], other) == klen &&
+			if (g[j].hash == h && group_key(f, by, &s->ring[g[j].slot], other) == klen &&
 			    memcmp(key, other, klen) == 0)
 				break;
 		}

@@ -102,6 +102,21 @@ enum {
 	NM_Q_RESULT = NM_Q_OK | NM_Q_ERROR | NM_Q_RET | NM_Q_PENDING | NM_Q_UNKNOWN,
 	NM_Q_SRC = 1 << 12,   /* source address within src/src_len (inet only) */
 	NM_Q_SPORT = 1 << 13, /* src_port == sport (inet only) */
+	NM_Q_NAME = 1 << 14,  /* (net_ns, address, time) falls in one of filter.names */
+};
+
+/* When an address stood for a name in one network namespace: [from_ns, to_ns) on the
+ * records' clock. The name cache (Python) hands a query a table of these sorted by their
+ * first 24 bytes as memcmp orders them, so C finds an event's windows by binary search.
+ * inet addresses only; an IPv4-mapped IPv6 destination is looked up as IPv4. */
+struct nm_name_window {
+	uint32_t net_ns;
+	uint16_t family;
+	uint16_t pad;
+	uint8_t addr[16]; /* IPv4: 4 bytes, then zeros */
+	uint64_t from_ns, to_ns;
+	uint32_t group;   /* top by name: which name (1, 2, ...) */
+	uint32_t pad2;
 };
 
 struct nm_filter {
@@ -121,6 +136,8 @@ struct nm_filter {
 	uint64_t since_ns; /* keep ts >= since_ns (boot clock); 0: no bound */
 	uint64_t until_ns; /* keep ts < until_ns; 0: no bound */
 	uint64_t after_seq; /* keep seq > after_seq */
+	const struct nm_name_window *names; /* NM_Q_NAME, and top by name */
+	uint64_t n_names;
 };
 
 struct nm_hit {
@@ -132,6 +149,7 @@ struct nm_hit {
 enum { NM_BY_DEST = 0, NM_BY_COMM = 1, NM_BY_PID = 2, NM_BY_PORT = 3, NM_BY_ERROR = 4,
        NM_BY_SERVICE = 5, /* (destination port, comm): for accepts, a local service */
        NM_BY_CLIENT = 6,  /* source address: for accepts, the remote client */
+       NM_BY_NAME = 7,    /* the group of the window an event falls in (0: none) */
 };
 
 struct nm_top {
