@@ -5,7 +5,7 @@ import datetime as _dt
 import errno as _errno
 import socket as _socket
 import time
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 from ._core import (
     NETMON_BACKEND_CGROUP,
@@ -155,6 +155,10 @@ class Event(NamedTuple):
     result: str  # what happened to the attempt: ok, error, pending or unknown (not in JSON)
     source_ip: Optional[str] = None  # the local address of a connect, the client's of an accept
     source_port: Optional[int] = None  # None where unknown (never 0)
+    # the name the process asked DNS for, when netmon saw the answer that gave this IP in
+    # this network namespace (Monitor(dns_names=True)); the CNAMEs it went through
+    destination_name: Optional[str] = None
+    destination_cname_chain: Optional[Tuple[str, ...]] = None
 
     @classmethod
     def from_row(cls, row, offset_ns: int) -> "Event":
@@ -217,5 +221,8 @@ class Event(NamedTuple):
             "cgroup_id": self.cgroup_id, "truncated": self.truncated,
             "kind": self.kind, "backend": self.backend, "net_ns": self.net_ns,
             "outcome": self.outcome, "latency_us": self.latency_us, "packets": self.packets,
+            "destination_name": self.destination_name,
+            "destination_cname_chain": (list(self.destination_cname_chain)
+                                        if self.destination_cname_chain else None),
             "timestamp": ts, "wall_time": ts,
         }

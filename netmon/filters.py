@@ -17,7 +17,7 @@ from .names import name_bytes
 # the filters every query takes, by the name the API, its OpenAPI description and
 # `netmon trace` give them (compile_filter's keywords, plus since / until / after_seq)
 FILTER_NAMES = ("pid", "command", "family", "protocol", "port", "dest", "result", "kind",
-                "src", "sport")
+                "src", "sport", "name")
 FAMILY_NAMES = {"inet": AF_INET, "inet6": AF_INET6, "unix": AF_UNIX}
 KIND_NUMBERS = {v: k for k, v in KINDS.items()}
 Time = Union[None, _dt.datetime, _dt.timedelta]
@@ -116,6 +116,22 @@ def _src(v: str):
     return (AF_INET if net.version == 4 else AF_INET6), net.network_address.packed, net.prefixlen
 
 
+_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+
+
+def _name(v) -> str:
+    """A destination name pattern: a host name, or *.suffix for any name below suffix;
+    case and a final dot do not matter."""
+    msg = "must be a host name like api.example.com, or *.example.com for names below it"
+    if not isinstance(v, str):
+        raise FilterError("name", msg)
+    text = v.rstrip(".").lower()
+    labels = text[2:].split(".") if text.startswith("*.") else text.split(".")
+    if len(text) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        raise FilterError("name", msg)
+    return text
+
+
 def _result(v):
     """ok / error / pending / unknown, or an errno name (the failure's errno, whether
     connect() or the handshake gave it; EINPROGRESS: pending non-blocking connects)."""
@@ -151,8 +167,8 @@ def compile_filter(**keywords) -> Filter:
 
 
 def _store_args(*, pid=None, command=None, kind="connect", family=None, protocol=None,
-                port=None, dest=None, result=None, src=None, sport=None, since: Time = None,
-                until: Time = None, after_seq: int = 0) -> dict:
+                port=None, dest=None, result=None, src=None, sport=None, name=None,
+                since: Time = None, until: Time = None, after_seq: int = 0) -> dict:
     """Filters -> the keyword arguments of _core.Store queries. kind defaults to connect
     attempts; pass kind="all" (or None) for every kind. src/sport: the source address
     (IP or CIDR) and port, which only events with a known source match."""
@@ -186,4 +202,6 @@ def _store_args(*, pid=None, command=None, kind="connect", family=None, protocol
         q["src"] = _src(src)
     if sport is not None:
         q["sport"] = int_in("sport", sport, 1, 65535)
+    if name is not None:  # Monitor turns it into (net_ns, IP, time) windows per query
+        q["name"] = _name(name)
     return q

@@ -5,11 +5,14 @@ import atexit
 import errno
 import logging
 import os
+import socket
 import threading
 import time
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from . import _core, host, listeners, privilege
+from .dns import DEFAULT_CAPACITY as DEFAULT_NAMES_CAPACITY
+from .dns import DEFAULT_FLOOR_SECONDS, NameCache, window_group
 from .event import AF_UNIX, PROTOCOLS, Event, to_datetime, wall_offset_ns
 from .filters import FAMILY_NAMES, Filter, FilterError, compile_filter
 from .host import MonitorError
@@ -27,6 +30,9 @@ STALL_SECONDS = 2.0  # a poll loop silent this long is unhealthy
 # handshake's outcome before passing its event on as pending
 HOLD_SECONDS = 1.0
 BACKENDS = ("syscall", "cgroup", "auto")
+DNS_POLL_SECONDS = 0.05  # the DNS ring is drained this often (and before every query)
+NAMES_OFF = ("destination names are off: start netmon with --dns-names "
+             "(Monitor(dns_names=True))")
 
 
 def _check_ringbuf(n: int) -> int:
@@ -70,7 +76,9 @@ class Monitor:
                  ringbuf_bytes: int = DEFAULT_RINGBUF_BYTES, *, backend: str = "auto",
                  udp_sends: bool = False, wakeup_bytes: int = DEFAULT_WAKEUP_BYTES,
                  drop_privileges: bool = False, user: Optional[str] = None,
-                 cgroup: Optional[str] = None, debug: bool = False):
+                 cgroup: Optional[str] = None, debug: bool = False,
+                 dns_names: bool = False, names_capacity: int = DEFAULT_NAMES_CAPACITY,
+                 names_floor_seconds: int = DEFAULT_FLOOR_SECONDS):
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
         if capacity > MAX_CAPACITY:
@@ -101,6 +109,11 @@ class Monitor:
         self._holds_lock = threading.Lock()
         self.started_at: Optional[float] = None  # time.monotonic() at start
         self._listen_drops_base: Optional[int] = None
+        # destination names from DNS answers (netmon.dns): the cache, its reader thread
+        self.names = NameCache(names_capacity, names_floor_seconds) if dns_names else None
+        self._dns_lock = threading.Lock()  # one reader of the DNS ring at a time
+        self._dns_stop = threading.Event()
+        self._dns_thread: Optional[threading.Thread] = None
 
     # ---- lifecycle ----
 
@@ -127,7 +140,8 @@ class Monitor:
             self.backend = "cgroup" if kfunc and cgroot and host.has_caps(host.CAP_NET_ADMIN) \
                 else "syscall"
         host.preflight(tracepoints=self.backend == "syscall")
-        if (self.backend == "cgroup" or self.udp_sends) and not (kfunc and cgroot):
+        if (self.backend == "cgroup" or self.udp_sends or self.names is not None) \
+                and not (kfunc and cgroot):
             raise MonitorError(
                 "the cgroup hooks need cgroup v2 mounted and Linux 6.2+ "
                 f"(bpf_cast_to_kern_ctx){'' if cgroot else ': no cgroup2 mount found'}; "
@@ -139,7 +153,8 @@ class Monitor:
     def _load(self, unix_hook: bool):
         try:
             return _core.Probe(self._store, self.ringbuf_bytes, self.wakeup_bytes, self.debug,
-                               self.backend, self.udp_sends, unix_hook, self.cgroup is not None)
+                               self.backend, self.udp_sends, unix_hook, self.cgroup is not None,
+                               self.names is not None)
         except OSError as e:
             raise host.load_error(e) from None
 
@@ -181,6 +196,11 @@ class Monitor:
         self._poll_error = 0
         self._thread = threading.Thread(target=self._poll, name="netmon-poll", daemon=True)
         self._thread.start()
+        if self.names is not None:
+            self._dns_stop.clear()
+            self._dns_thread = threading.Thread(target=self._read_dns, name="netmon-dns",
+                                                daemon=True)
+            self._dns_thread.start()
         self.started_at = time.monotonic()
         atexit.register(self.stop)
         log.debug("attached %s", ", ".join(probe.programs))
@@ -191,6 +211,25 @@ class Monitor:
             self._poll_error = err
             log.error("poll loop stopped: %s", os.strerror(-err))
 
+    def _read_dns(self) -> None:
+        while not self._dns_stop.wait(DNS_POLL_SECONDS):
+            try:
+                self.sync_names()
+            except OSError as e:
+                log.error("DNS reader stopped: %s", e.strerror)
+                return
+
+    def sync_names(self, probe=None) -> None:
+        """Learn from the DNS answers the kernel has passed so far (the reader thread does
+        this every DNS_POLL_SECONDS; queries do it first, so a connect made right after
+        its lookup is named)."""
+        probe = probe or self._probe
+        if self.names is None or probe is None:
+            return
+        with self._dns_lock:
+            for record in probe.dns_read():
+                self.names.feed(record)
+
     def stop(self) -> None:
         """Detach everything and stop polling; the store stays queryable."""
         with self._lock:
@@ -200,6 +239,11 @@ class Monitor:
             probe.detach()  # first, so the last records are in the ring when we drain
             probe.stop()
             self._thread.join()
+            if self._dns_thread is not None:
+                self._dns_stop.set()
+                self._dns_thread.join()
+                self._dns_thread = None
+                self.sync_names(probe)
             probe.close()
             atexit.unregister(self.stop)
 
@@ -247,10 +291,12 @@ class Monitor:
     def _sync(self) -> None:
         """Read your writes: every query first moves what the kernel has already submitted
         into the store (a memory read when nothing is pending), so a caller that connected
-        and then asks sees its connect."""
+        and then asks sees its connect; and learns from the DNS answers passed so far, so
+        a connect made right after its lookup is named."""
         probe = self._probe
         if probe is not None:
             probe.sync()
+        self.sync_names()
 
     def _args(self, where: Optional[Filter], filters: dict) -> dict:
         """What the store matches on: the filters compiled, time bounds on its clock."""
@@ -268,7 +314,33 @@ class Monitor:
 
     def _events(self, rows) -> List[Event]:
         off = self.wall_offset_ns()
-        return [Event.from_row(r, off) for r in rows]
+        return [self._named(Event.from_row(r, off)) for r in rows]
+
+    def _named(self, ev: Event) -> Event:
+        """ev with the destination name its DNS answers gave, if any."""
+        if self.names is None or ev.ip is None or ev.net_ns is None:
+            return ev
+        fam = socket.AF_INET6 if ":" in ev.ip else socket.AF_INET
+        hit = self.names.lookup(ev.net_ns, fam, socket.inet_pton(fam, ev.ip), ev.ts_ns)
+        if hit is None:
+            return ev
+        return ev._replace(destination_name=hit.name,
+                           destination_cname_chain=hit.chain or None)
+
+    def _store_args(self, where: Optional[Filter], filters: dict, by: Optional[str] = None):
+        """_args, and {group: name} for top by name: a name pattern becomes the table of
+        (net_ns, IP, time window) it answered in, as the name cache holds it now (call
+        _sync first)."""
+        q = self._args(where, filters)
+        pattern = q.get("name")
+        if pattern is None and by != "name":
+            return q, {}
+        if self.names is None:
+            raise FilterError("name" if pattern is not None else "by", NAMES_OFF, whole=True)
+        table, groups = self.names.table(pattern)
+        q = {k: v for k, v in q.items() if k != "name"}
+        q["names"] = (table, pattern is not None)
+        return q, groups
 
     # Filters, for every query (see netmon.filters.compile_filter): pid, command (exact
     # comm), kind ("connect" by default, "udp_send", "accept", "all" or None for every
@@ -289,7 +361,8 @@ class Monitor:
         """(events, matched): like events(), plus how many matched in all.
         newest=False takes the oldest `limit` after `after_seq` instead (paging)."""
         self._sync()
-        rows, matched = self._store.query(limit or 0, newest, **self._args(where, filters))
+        q, _ = self._store_args(where, filters)
+        rows, matched = self._store.query(limit or 0, newest, **q)
         return self._events(rows), matched
 
     def seq_range(self) -> Tuple[int, int]:
@@ -322,7 +395,7 @@ class Monitor:
 
     def count(self, where: Optional[Filter] = None, **filters) -> int:
         self._sync()
-        return self._store.count(**self._args(where, filters))
+        return self._store.count(**self._store_args(where, filters)[0])
 
     def latest_per_pid(self, limit: int = 100, where: Optional[Filter] = None,
                        max_total: Optional[int] = None, **filters) -> Tuple[dict, bool]:
@@ -331,7 +404,7 @@ class Monitor:
         was left out."""
         self._sync()
         rows, _, truncated = self._store.latest_per_pid(limit, max_total or 0,
-                                                        **self._args(where, filters))
+                                                        **self._store_args(where, filters)[0])
         out: dict = {}
         for ev in self._events(rows):
             out.setdefault(ev.pid, []).append(ev)
@@ -342,13 +415,24 @@ class Monitor:
         """([(the group's newest event, count, failed)], groups, matched): the largest
         groups by destination, command, pid, port, error (failed attempts only), service
         (destination port + command: with kind="accept", the local service and the
-        listener) or client (source address: with kind="accept", the remote client)."""
+        listener), client (source address: with kind="accept", the remote client) or
+        name (the destination name; one group of the events without one). By name, the
+        event's destination_name is the group's name (None: the unnamed group)."""
         if by not in _core.TOP_BY:
             raise FilterError("by", f"must be one of {', '.join(_core.TOP_BY)}")
         self._sync()
-        rows, groups, matched = self._store.top(by, limit, **self._args(where, filters))
+        q, names = self._store_args(where, filters, by)
+        rows, groups, matched = self._store.top(by, limit, **q)
         off = self.wall_offset_ns()
-        return [(Event.from_row(r, off), n, failed) for r, n, failed in rows], groups, matched
+        out = []
+        for r, n, failed in rows:
+            ev = self._named(Event.from_row(r, off))
+            if by == "name":  # the group's name, whatever the representative's answer
+                name = names.get(window_group(q["names"][0], ev))
+                if name != ev.destination_name:
+                    ev = ev._replace(destination_name=name, destination_cname_chain=None)
+            out.append((ev, n, failed))
+        return out, groups, matched
 
     def follow(self, after_seq: Optional[int] = None, timeout: Optional[float] = None,
                where: Optional[Filter] = None, hold: float = HOLD_SECONDS,
@@ -380,9 +464,10 @@ class Monitor:
         pending and was recorded less than `hold` seconds ago (holder: its seq, else 0);
         upto: the seq every match up to which has been returned (the next after_seq);
         oldest: the oldest seq the store holds (after_seq + 1 below it: a gap)."""
-        q = {**self._args(where, filters), "after_seq": after_seq}
         hold_ns = int(hold * 1e9)
         self._sync()
+        # after the sync: a name's table grows as answers come
+        q = {**self._store_args(where, filters)[0], "after_seq": after_seq}
         hold_from = max(self.clock_ns() - hold_ns, 1) if hold_ns else 0
         rows, upto, holder, oldest = self._store.follow(limit, hold_from, **q)
         return self._events(rows), upto, holder, oldest
