@@ -484,6 +484,7 @@ class Monitor:
         probe = self._probe
         kernel = probe.drops() if probe is not None else dict.fromkeys(_core.DROP_REASONS, 0)
         outcome_drops = kernel.pop("outcome_ringbuf_full")
+        dns_drops = kernel.pop("dns_ringbuf_full")  # not connects: under "dns"
         oldest = c["oldest_ts_ns"]
         return {
             "captured": c["delivered"] + sum(kernel.values()),
@@ -507,6 +508,7 @@ class Monitor:
             "attached": probe is not None,
             "backend": self.backend,
             "udp_sends": self.udp_sends,
+            "dns": self.dns_stats(dns_drops),
             "programs": self.programs,
             "missing_hooks": self.missing_hooks,
             "capabilities": privilege.held_capabilities(),
@@ -526,6 +528,15 @@ class Monitor:
                 "closed_port": kernel["closed_port"],
                 "listen_drops": max(0, now - base) if now is not None and base is not None
                 else 0}
+
+    def dns_stats(self, dropped: int = 0) -> dict:
+        """What the destination-name machinery saw: DNS packets passed by the kernel,
+        responses parsed, addresses learned (answers), (net_ns, IP) keys cached, LRU
+        evictions, parse failures, payloads too long to copy (truncated), records the
+        kernel could not pass (dropped: its ring was full)."""
+        if self.names is None:
+            return {"enabled": False}
+        return {"enabled": True, **self.names.stats(), "dropped": dropped}
 
     def poll_lag(self) -> Optional[float]:
         """Seconds since the poll loop last drained the ring; None when not running."""

@@ -161,6 +161,10 @@ SETTINGS = (
     Setting(("--udp-sends",), "NETMON_UDP_SENDS", False, boolean,
             "also count unconnected UDP datagrams (sendto), one event per "
             "process and destination per second (env NETMON_UDP_SENDS=1)"),
+    Setting(("--dns-names",), "NETMON_DNS_NAMES", False, boolean,
+            "name destinations from the DNS answers processes receive (UDP/TCP port 53): "
+            "destination_name on events, the name= filter, top by name; costs a "
+            "cgroup_skb program on every received packet (env NETMON_DNS_NAMES=1)"),
     Setting(("--cgroup",), "NETMON_CGROUP", None, str,
             "watch only the processes in this cgroup v2 directory and below it "
             "(a container, a systemd unit) instead of the whole host "

@@ -51,6 +51,11 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--src", help="only this source IP or CIDR (a connect's local address, "
                                  "an accept's client)")
     p.add_argument("--sport", type=_number, help="only this source port")
+    p.add_argument("--name", help="only connects to this destination name (from the DNS "
+                   "answers netmon saw), or *.example.com for any name below it")
+    p.add_argument("--numeric", action="store_true",
+                   help="print IP addresses, not the destination names DNS answers gave "
+                        "(and do not watch DNS answers unless --name asks for a name)")
     p.add_argument("--kind", default="connect",
                    help="connect (default), udp_send, accept (TCP connections a listener "
                         "here completed: SOURCE is the client) or all (udp_send needs the "
@@ -95,7 +100,14 @@ def _source(ev: Event) -> str:
     return f"[{ip}]:{ev.source_port}" if ":" in ip else f"{ip}:{ev.source_port}"
 
 
-def line(ev: Event) -> str:
+def _destination(ev: Event, numeric: bool) -> str:
+    """The name the process resolved in place of the IP, unless numeric."""
+    if ev.destination_name and not numeric:
+        return f"{ev.destination_name}:{ev.port}"
+    return ev.destination or "-"
+
+
+def line(ev: Event, numeric: bool = False) -> str:
     """What happened to the attempt: ok, the failure's errno name (whichever of connect()
     and the handshake gave it), pending (no outcome within the hold) or unknown."""
     if ev.kind == "udp_send":
@@ -109,7 +121,7 @@ def line(ev: Event) -> str:
     return LINE.format(ev.timestamp.strftime("%H:%M:%S.%f"),
                        "-" if ev.pid is None else ev.pid, visible(ev.command or "-"),
                        FAMILIES.get(ev.family, str(ev.family)), _source(ev),
-                       visible(ev.destination or "-"), ev.protocol or "-",
+                       visible(_destination(ev, numeric)), ev.protocol or "-",
                        latency(ev.latency_us), result)
 
 
@@ -130,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
             # count is exactly the lines printed
             signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
             try:
-                print(json.dumps(ev.to_dict()) if args.json else line(ev), flush=True)
+                print(json.dumps(ev.to_dict()) if args.json else line(ev, args.numeric),
+                      flush=True)
                 shown += 1
             finally:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -154,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _start(args: argparse.Namespace) -> Monitor:
     monitor = Monitor(capacity=CAPACITY, backend=args.backend,
-                      udp_sends=args.kind in ("udp_send", "all"))
+                      udp_sends=args.kind in ("udp_send", "all"),
+                      dns_names=not args.numeric or args.name is not None)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         monitor.start()

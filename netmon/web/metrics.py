@@ -52,6 +52,7 @@ class _Collector:
         for reason, n in sorted(stats["outcomes_lost"].items()):
             lost.add_metric((reason,), n)
         yield lost
+        yield from _dns_metrics(stats["dns"])
         yield GaugeMetricFamily("netmon_store_events", "events held in the store",
                                 value=stats["size"])
         yield GaugeMetricFamily("netmon_store_capacity", "events the store can hold",
@@ -76,6 +77,24 @@ class _Collector:
         if "auth_failures" in http:
             yield CounterMetricFamily("netmon_http_auth_failures", "requests refused for a "
                                       "missing or wrong token", value=http["auth_failures"])
+
+
+def _dns_metrics(dns: dict) -> Iterator[Metric]:
+    """The destination-name machinery's counters (only with --dns-names)."""
+    if not dns["enabled"]:
+        return
+    for key, help_text in (
+            ("packets", "payloads from source port 53 the kernel passed"),
+            ("responses", "well-formed DNS responses parsed"),
+            ("answers", "addresses learned from DNS answers"),
+            ("evictions", "(net_ns, IP) names evicted from the full name cache"),
+            ("parse_failures", "payloads from port 53 that were not a well-formed DNS "
+                               "response (or a TCP segment without whole messages)"),
+            ("truncated", "DNS payloads longer than the kernel copies, not parsed"),
+            ("dropped", "DNS payloads the kernel could not pass (its ring was full)")):
+        yield CounterMetricFamily(f"netmon_dns_{key}", help_text, value=dns[key])
+    yield GaugeMetricFamily("netmon_dns_names_cached", "(net_ns, IP) keys in the name cache",
+                            value=dns["names_cached"])
 
 
 def registry(monitor: Monitor, server_stats: Callable[[], dict]) -> CollectorRegistry:

@@ -78,7 +78,13 @@ EVENT = _obj(
     outcome=_null({**STR, "description": "TCP: pending, established, refused, timeout, reset, "
                                          "unreachable, aborted, failed; unknown where the "
                                          "backend cannot know"}),
-    latency_us=_null(INT), packets=_null(INT))
+    latency_us=_null(INT), packets=_null(INT),
+    destination_name=_null({**STR, "description": "the name the process asked DNS for, "
+                            "when netmon (--dns-names) saw the answer that gave this IP in "
+                            "this network namespace; null otherwise (never reverse DNS)"}),
+    destination_cname_chain=_null({"type": "array", "items": STR, "description":
+                                   "the CNAMEs the answer went through, in order; null "
+                                   "when it had none"}))
 
 FILTER_SCHEMA = {"type": "object", "description": "the filters as understood: names "
                  "normalised, times absolute, networks canonical",
@@ -86,7 +92,7 @@ FILTER_SCHEMA = {"type": "object", "description": "the filters as understood: na
                      "kind": {"enum": ["connect", "udp_send", "accept", "all"]},
                      "pid": INT, "command": STR, "family": STR, "protocol": STR, "port": INT,
                      "dest": STR, "result": STR, "src": STR, "sport": INT, "since": STR,
-                     "until": STR, "after": INT, "limit": INT}}
+                     "until": STR, "after": INT, "name": STR, "limit": INT}}
 
 STATS = _obj(
     ("captured", "delivered", "dropped", "dropped_total", "evicted", "size", "capacity",
@@ -100,6 +106,13 @@ STATS = _obj(
     malformed=INT, size=INT, capacity=INT, last_seq=INT, oldest_timestamp=_null(TIME),
     poll_lag_seconds=_null({"type": "number"}), attached={"type": "boolean"},
     backend=STR, udp_sends={"type": "boolean"}, bpf_stats_enabled={"type": "boolean"},
+    dns={"type": "object", "required": ["enabled"], "description": "destination names "
+         "(--dns-names): payloads from port 53 the kernel passed (packets), responses "
+         "parsed, addresses learned (answers), (net_ns, IP) keys cached (names_cached), "
+         "evictions from the full cache, parse_failures, truncated (too long to copy), "
+         "dropped (the kernel's DNS ring was full)",
+         "properties": {"enabled": {"type": "boolean"}},
+         "additionalProperties": INT},
     programs={"type": "object", "additionalProperties": _obj(
         ("id", "run_cnt", "run_time_ns"), id=INT, run_cnt=_null(INT), run_time_ns=_null(INT)),
         "description": "run counts are null while sysctl kernel.bpf_stats_enabled is 0"},
@@ -129,7 +142,9 @@ STATS = _obj(
 TOP_ENTRY = _obj(("count", "failed", "last_seen"), count=INT, failed=INT, last_seen=TIME,
                  destination=_null(STR), command=_null(STR), pid=_null(INT), port=_null(INT),
                  source_ip=_null(STR),
-                 service=_null(STR), error=_null(STR), return_code=_null({"type": "integer"}))
+                 service=_null(STR), error=_null(STR), return_code=_null({"type": "integer"}),
+                 name=_null({**STR, "description": "by=name: the destination name; null "
+                                                   "groups the events without one"}))
 
 HEALTH = _obj(("status", "service", "version", "uptime_seconds", "events_captured",
                "events_dropped", "events_evicted", "backend"),
@@ -162,6 +177,10 @@ PARAMETERS = {
                     "port)", {"type": "integer", "minimum": 1, "maximum": 65535}),
     "since": _param("since", "RFC 3339 instant, or an age like 300s, 5m, 2h", STR),
     "until": _param("until", "RFC 3339 instant, or an age like 300s, 5m, 2h", STR),
+    "name": _param("name", "a destination name (api.example.com), or *.example.com for any "
+                   "name below it; matches the name asked for or a CNAME on its chain. Needs "
+                   "--dns-names (else 400)", {"type": "string", "minLength": 1,
+                                              "maxLength": 255}),
     "after": _param("after", "a cursor: only events with a larger seq (next_after, an "
                     "event's seq)", {"type": "integer", "minimum": 0,
                                      "maximum": 2**63 - 1}),
@@ -281,9 +300,10 @@ SPEC = {
             "parameters": _params(*FILTER_NAMES) + [
                 _param("by", "what to group by (default destination); error groups failed "
                        "attempts only; service (port + command) and client (source "
-                       "address) are for kind=accept",
+                       "address) are for kind=accept; name (needs --dns-names) groups "
+                       "by destination name",
                        {"enum": ["destination", "command", "pid", "port", "error", "service",
-                                 "client"]}),
+                                 "client", "name"]}),
                 _param("duration", "seconds back (default 60)",
                        {"type": "integer", "minimum": 1, "maximum": MAX_DURATION}),
                 _param("limit", "groups (default 10)",

@@ -20,7 +20,8 @@ def _top_entry(by: str, ev, count: int, failed: int) -> dict:
            "port": {"port": ev.port, "service": ev.service},
            "error": {"error": ev.error, "return_code": ev.return_code},
            "service": {"port": ev.port, "command": ev.command, "service": ev.service},
-           "client": {"source_ip": ev.source_ip}}[by]
+           "client": {"source_ip": ev.source_ip},
+           "name": {"name": ev.destination_name}}[by]
     return {**key, "count": count, "failed": failed, "last_seen": rfc3339(ev.timestamp)}
 
 

@@ -55,14 +55,22 @@ async function pollHealth() {
 
 // ---- rows ----
 
+// the name the process resolved (netmon --dns-names) in place of the IP; the IP in the title
+function destinationText(ev) {
+  return ev.destination_name ? `${ev.destination_name}:${ev.destination_port}`
+    : ev.destination ?? "";
+}
+
 function eventRow(ev, columns) {
   const cells = {
     time: clock(ev.timestamp), pid: ev.pid, command: ev.command,
-    destination: ev.destination ?? "", protocol: ev.protocol ?? "",
+    destination: destinationText(ev), protocol: ev.protocol ?? "",
     result: resultText(ev), latency: latency(ev.latency_us),
   };
+  const titles = { ...cells, destination: ev.destination_name
+    ? [ev.destination, ...(ev.destination_cname_chain ?? [])].join(" via ") : cells.destination };
   const row = el("tr", { class: resultClass(ev), "data-seq": ev.seq },
-    ...columns.map((c) => el("td", { class: c, title: cells[c] }, cells[c])));
+    ...columns.map((c) => el("td", { class: c, title: titles[c] }, cells[c])));
   eventOf.set(row, ev);
   return row;
 }
