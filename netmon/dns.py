@@ -97,11 +97,11 @@ def parse_response(msg: bytes) -> List[Answer]:
     """A DNS response -> the addresses it gives for the question's name, through CNAMEs.
     An error response, or one without A/AAAA for the name, gives []. Anything malformed
     (not a response, truncated, bad compression, counts the message cannot hold) raises
-    DNSError. Only the question and answer sections are read (EDNS's OPT record lives in
-    the additional section and is not needed)."""
+    DNSError. The authority and additional sections (EDNS's OPT record) are checked for
+    shape, not read."""
     if len(msg) < 12:
         raise DNSError("shorter than a DNS header")
-    _, flags, qd, an, _, _ = struct.unpack_from("!6H", msg)
+    _, flags, qd, an, ns, ar = struct.unpack_from("!6H", msg)
     if not flags & 0x8000:
         raise DNSError("a query, not a response")
     if flags >> 11 & 0xF:
@@ -112,7 +112,7 @@ def parse_response(msg: bytes) -> List[Answer]:
     if pos + 4 > len(msg):
         raise DNSError("question runs past the end")
     pos += 4
-    if an * 11 > len(msg) - pos:  # each record is at least 11 bytes
+    if (an + ns + ar) * 11 > len(msg) - pos:  # each record is at least 11 bytes
         raise DNSError("more answers than the message can hold")
     if flags & 0xF:  # NXDOMAIN, SERVFAIL, ...: nothing named
         return []
@@ -141,6 +141,13 @@ def parse_response(msg: bytes) -> List[Answer]:
             elif rtype in (TYPE_A, TYPE_AAAA):
                 raise DNSError("address record of the wrong length")
         pos += rdlen
+    for _ in range(ns + ar):  # authority, additional (EDNS's OPT): only checked for shape
+        pos = _name(msg, pos)[1]
+        if pos + 10 > len(msg):
+            raise DNSError("record header runs past the end")
+        pos += 10 + struct.unpack_from("!H", msg, pos + 8)[0]
+        if pos > len(msg):
+            raise DNSError("record data runs past the end")
     return _follow(qname, cnames, addrs)
 
 
