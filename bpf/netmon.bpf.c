@@ -698,11 +698,13 @@ int netmon_dns_ingress(struct __sk_buff *skb)
 	if (proto != IPPROTO_UDP && proto != IPPROTO_TCP)
 		return 1;
 	l4 = data + hlen;
-	if ((void *)(l4 + 14) > end) /* source port .. TCP data offset */
+	if ((void *)(l4 + 8) > end) /* a UDP header */
 		return 1;
 	if (*(__u16 *)l4 != DNS_PORT_BE) /* the source port */
 		return 1;
 	if (proto == IPPROTO_UDP)
 		return dns_to_user(skb, hlen + 8, family, proto);
+	if ((void *)(l4 + 13) > end) /* TCP's data offset */
+		return 1;
 	return dns_to_user(skb, hlen + (l4[12] >> 4) * 4, family, proto);
 }
