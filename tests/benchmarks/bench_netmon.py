@@ -43,7 +43,7 @@ LOADGEN = OUT / "loadgen"
 PY = sys.executable
 NETMON = str(Path(PY).parent / "netmon")
 PAIRS = int(os.environ.get("BENCH_PAIRS", "10"))
-ONLY = os.environ.get("BENCH_ONLY", "loads,queries,server,sync").split(",")  # parts to run
+ONLY = os.environ.get("BENCH_ONLY", "loads,dns,queries,server,sync").split(",")  # parts to run
 CPUS = sorted(os.sched_getaffinity(0))
 LOAD_CPU = CPUS[0]
 MON_CPU = CPUS[1] if len(CPUS) > 1 else None  # one core: no pinning of the monitor
@@ -64,6 +64,13 @@ LOADS = {  # name: (loadgen arguments, label, what netmon should account for eac
 # BENCH_LOADS=tcp,accept: only these loads (default all)
 LOADS = {k: v for k, v in LOADS.items()
          if k in os.environ.get("BENCH_LOADS", ",".join(LOADS)).split(",")}
+# destination names: what the cgroup_skb ingress program costs every received packet
+DNS_LOADS = {
+    "udp_rx": (["-u", "-n", "300000"], "UDP receive, 64 B datagrams on a loopback pair (300k)"),
+    "tcp_rx": (["-T", "-n", "200000"],
+               "TCP receive, 512 B segments on a loopback pair, TCP_NODELAY (200k)"),
+}
+DNS_TARGET = 0.99  # --dns-names may be on by default only if it costs <= 1 %
 BACKENDS = ("syscall", "cgroup")  # both in every pair; `--udp-sends` added for udp_send loads
 RATIO_TARGET = {"udp": 0.83, "tcp": 0.90, "udp6": 0.83, "accept": 0.90}
 # the backend verdict: cgroup "at least as good" as syscall, pair by pair, within the noise:
@@ -374,6 +381,42 @@ def bench_loads(res: dict, bpftrace: bool) -> None:
                 if runs[k]), flush=True)
 
 
+def run_names(args, on: bool) -> dict:
+    """The receive load under a fresh `netmon --backend cgroup`, destination names on or
+    off (the only difference); with names on, a ¼-length run with bpf_stats on prices the
+    ingress program per packet."""
+    nm = Netmon("--backend", "cgroup", *(["--dns-names"] if on else []))
+    time.sleep(0.1)
+    r = loadgen(args)
+    if on:
+        old = BPF_STATS.read_text().strip()
+        BPF_STATS.write_text("1")
+        try:
+            p0 = nm.prog_stats().get("netmon_dns_ingress", (0, 0))
+            n = args.index("-n") + 1
+            r2 = loadgen(args[:n] + [str(int(args[n]) // 4)] + args[n + 1:])
+            p1 = nm.prog_stats().get("netmon_dns_ingress", (0, 0))
+        finally:
+            BPF_STATS.write_text(old)
+        runs = p1[0] - p0[0]
+        r["ingress_ns"] = (p1[1] - p0[1]) / runs if runs else None
+        r["ingress_runs_per_call"] = runs / r2["calls"]
+    nm.stop()
+    return r
+
+
+def bench_dns(res: dict) -> None:
+    """Each pair: names off and names on (alternating which goes first)."""
+    for name, (args, _) in DNS_LOADS.items():
+        runs = res.setdefault("dns", {})[name] = {"off": [], "on": []}
+        for i in range(PAIRS):
+            for on in (True, False) if i % 2 else (False, True):
+                runs["on" if on else "off"].append(run_names(args, on))
+            off, on_ = runs["off"][-1]["rate"], runs["on"][-1]["rate"]
+            print(f"  {name} pair {i + 1}/{PAIRS}: names off {off:,.0f}/s, on ÷ off "
+                  f"{on_ / off:.3f}", flush=True)
+
+
 # ---------------------------------------------------------------- queries: full store
 
 def serve_full() -> None:
@@ -616,7 +659,10 @@ METHOD = (
     "Full-store queries: a separate server process (netmon's Monitor, make_app and Server) "
     "holding 1,048,576 synthetic events over 1,000 pids and 10,000 destinations stamped "
     f"over the {FULL_SPAN_S} s before it was filled; top runs first so its 60 s window holds "
-    "them all; one keep-alive client; latency measured at the client.")
+    "them all; one keep-alive client; latency measured at the client. Destination names: "
+    "each pair is the receive load under a fresh `netmon --backend cgroup` and under one "
+    "with `--dns-names` (alternating which goes first); the ratio compares the two; the "
+    "ingress program's time comes from an extra ¼-length run with bpf_stats on.")
 
 
 class Table:
@@ -759,6 +805,24 @@ def load_rows(t: Table, name: str, runs: dict) -> tuple:
     return s, verdict
 
 
+def dns_rows(t: Table, res: dict, summ: dict) -> None:
+    """Per receive load: the rate with names off, the on ÷ off ratio against the 1 %
+    budget, the ingress program's kernel time per run."""
+    for name, runs in res.get("dns", {}).items():
+        s = summ[name] = {"rate_off": dist([r["rate"] for r in runs["off"]]),
+                          "ratio": dist(per_pair(runs["on"], runs["off"])),
+                          "ingress_ns": dist([r.get("ingress_ns") for r in runs["on"]]),
+                          "runs_per_call": dist([r.get("ingress_runs_per_call")
+                                                 for r in runs["on"]])}
+        t.row(f"**{DNS_LOADS[name][1]}**: rate, `--backend cgroup`, names off",
+              fmt(s["rate_off"], "{:,.0f}", "/s"))
+        ok = s["ratio"]["median"] >= DNS_TARGET if s["ratio"] else None
+        t.row("  rate ratio, `--dns-names` on ÷ off", fmt(s["ratio"], "{:.3f}"),
+              f"≥ {DNS_TARGET} to be on by default", ok)
+        t.row("  netmon_dns_ingress kernel time per run (runs per call)",
+              f"{fmt(s['ingress_ns'], '{:.0f}', ' ns')} ({fmt(s['runs_per_call'], '{:.2f}')})")
+
+
 def query_rows(t: Table, res: dict) -> None:
     """Latency of each query against the full synthetic store."""
     q, fs = res.get("queries", {}), res.get("full_store", {})
@@ -855,6 +919,7 @@ def summarize(res: dict) -> tuple:
     t, summ, verdict = Table(), {}, {}  # verdict: load -> (cgroup as good as syscall?, why)
     for name, runs in res["loads"].items():
         summ[name], verdict[name] = load_rows(t, name, runs)
+    dns_rows(t, res, summ)
     query_rows(t, res)
     sync_row(t, res)
     server_rows(t, res, summ)
@@ -877,6 +942,7 @@ def summarize(res: dict) -> tuple:
 
 def run_parts(res: dict, bpftrace: bool) -> None:
     for part, fn in (("loads", lambda: bench_loads(res, bpftrace)),
+                     ("dns", lambda: bench_dns(res)),
                      ("queries", lambda: bench_queries(res)),
                      ("server", lambda: bench_server(res)),
                      ("sync", lambda: bench_sync(res))):
