@@ -667,8 +667,9 @@ cdef class Probe:
             if bpf.bpf_program__fd(p) < 0 or s.progs[i].link[0] != NULL:
                 continue  # not loaded (another backend's), or attached already
             name = bpf.bpf_program__name(p).decode()
-            cgroup = bpf.bpf_program__type(p) in (bpf.BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
-                                                   bpf.BPF_PROG_TYPE_CGROUP_SKB)
+            ptype = bpf.bpf_program__type(p)
+            cgroup = (ptype == bpf.BPF_PROG_TYPE_CGROUP_SOCK_ADDR or
+                      ptype == bpf.BPF_PROG_TYPE_CGROUP_SKB)
             if cgroup and cgroup_fd < 0:
                 self.detach()
                 raise OSError(EINVAL, f"{name} needs a cgroup to attach to")
