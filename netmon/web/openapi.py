@@ -332,7 +332,9 @@ SPEC = {
                            "netmon_poll_lag_seconds, netmon_build_info{version,"
                            "libbpf_version,backend}, netmon_http_auth_failures_total, "
                            "netmon_tcp_accepts_total{result}: accepted, closed_port, "
-                           "listen_drops",
+                           "listen_drops; with "
+                           "--dns-names netmon_dns_{packets,responses,answers,evictions,"
+                           "parse_failures,truncated,dropped}_total, netmon_dns_names_cached",
             "responses": {"200": {"description": "text format 0.0.4",
                                   "content": {"text/plain": {"schema": STR}}}}}},
         "/openapi.json": {"get": {"summary": "This document", "operationId": "openapi",
