@@ -14,6 +14,13 @@ cdef extern from "<bpf/libbpf.h>" nogil:
     struct ring_buffer:
         pass
     ctypedef int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size) noexcept nogil
+    struct ring_buffer_opts:
+        pass
+    # the DNS ring's consumer (the events ring's lives in ext/consumer.c)
+    ring_buffer *ring_buffer__new(int map_fd, ring_buffer_sample_fn sample_cb, void *ctx,
+                                  const ring_buffer_opts *opts)
+    int ring_buffer__consume(ring_buffer *rb)
+    void ring_buffer__free(ring_buffer *rb)
 
     # what a generated skeleton (bpftool gen skeleton) hands libbpf: one entry a program,
     # pointing at the skeleton's program and link slots

@@ -15,7 +15,7 @@ from netmon import _core
 from netmon.dns import Answer, DNSError, NameCache, parse_response, payload_messages
 from netmon.filters import FilterError, compile_filter
 from netmon.monitor import Monitor
-from netmon.testing import record
+from netmon.testing import CLOCK_SHIFT_NS, record
 
 NS = 4026531840
 SEC = 1_000_000_000
@@ -195,7 +195,8 @@ def test_names_off_is_a_clear_error():
 def test_store_filters_and_groups_by_name_windows():
     """The C store answers name= and top by name exactly as events are named."""
     m = Monitor(capacity=64, dns_names=True, names_floor_seconds=60)
-    now = _core.boot_ns()
+    m._clock_shift_ns = CLOCK_SHIFT_NS  # as testing.synthetic_monitor: records of any age fit
+    now = m.clock_ns()
     ip = "192.0.2.1"
     m.names.learn(now - 30 * SEC, NS, Answer("a.test", ("cdn.test",), socket.AF_INET,
                                              socket.inet_aton(ip), 5))
