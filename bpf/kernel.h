@@ -82,9 +82,14 @@ struct sock_common {
 	struct in6_addr skc_v6_rcv_saddr;
 };
 
+struct sock;
+
+/* a TCP reset's packet (head, transport_header); what a cgroup_skb program's context
+ * points at in the kernel (sk) */
 struct sk_buff {
 	unsigned char *head;
 	__u16 transport_header;
+	struct sock *sk;
 };
 
 struct socket;
@@ -109,11 +114,6 @@ struct bpf_sock_addr_kern {
 	struct sock *sk;
 	struct sockaddr *uaddr;
 	__u32 uaddrlen;
-};
-
-/* what a cgroup_skb program's context points at in the kernel */
-struct sk_buff {
-	struct sock *sk;
 };
 
 #pragma clang attribute pop

@@ -316,7 +316,7 @@ SPEC = {
                                        "description": "largest first; each entry carries "
                                        "its key (destination, command, pid and command, "
                                        "port and service, error and return_code, port and "
-                                       "command and service, or source_ip)"},
+                                       "command and service, source_ip, or name)"},
                                   groups=INT, matched=INT, filters=FILTER_SCHEMA),
                              "the largest groups"),
                 "400": ERROR}}},
