@@ -57,6 +57,22 @@ void nm_roll_evict(struct nm_rollup *r, uint64_t first_held)
 		drop_oldest(r);
 }
 
+/* a new second's tables start as large as the last second needed: growing them again,
+ * rehashing each time, cost more than the counting itself */
+static void presize(struct nm_rollup *r, struct nm_bucket *b, const struct nm_bucket *prev)
+{
+	for (int k = 0; k < NM_RK_N; k++) {
+		uint32_t cap = prev->t[k].cap, stride = nm_roll_stride(k);
+
+		if (!cap || r->bytes + (uint64_t)cap * stride > r->max_bytes / 2)
+			continue; /* the other half of the bound: room to grow */
+		if ((b->t[k].v = calloc(cap, stride))) {
+			b->t[k].cap = cap;
+			r->bytes += (uint64_t)cap * stride;
+		}
+	}
+}
+
 struct nm_bucket *nm_roll_bucket(struct nm_rollup *r, uint64_t seq, uint64_t ts)
 {
 	uint64_t sec = ts / NM_ROLL_NS, id;
@@ -75,6 +91,8 @@ struct nm_bucket *nm_roll_bucket(struct nm_rollup *r, uint64_t seq, uint64_t ts)
 	r->n++;
 	b = nm_roll_at(r, id);
 	*b = (struct nm_bucket){.id = id, .sec = sec, .first_seq = seq};
+	if (r->n > 1)
+		presize(r, b, nm_roll_at(r, id - 1));
 	return b;
 }
 
@@ -100,15 +118,33 @@ static inline struct nm_rent *slot(const struct nm_rtab *t, int k, uint32_t i)
 	return (struct nm_rent *)(t->v + (size_t)i * nm_roll_stride(k));
 }
 
-/* the slot of key in t: its entry, or the free slot where it would go */
-static uint32_t probe(const struct nm_rtab *t, int k, const uint8_t *key, uint32_t klen)
+/* the key bytes equal: sizes the compiler knows, so no call */
+static inline int same_key(int k, const uint8_t *a, const uint8_t *b)
 {
-	uint32_t i = (uint32_t)(key_hash(key, klen) >> 32) & (t->cap - 1);
+	switch (k) {
+	case NM_RK_PID:
+		return memcmp(a, b, 4) == 0;
+	case NM_RK_COMM:
+		return memcmp(a, b, 16) == 0;
+	default:
+		return memcmp(a, b, NM_RK_KEY_MAX) == 0;
+	}
+}
+
+static inline uint32_t hash_of(const uint8_t *key, uint32_t klen)
+{
+	return (uint32_t)(key_hash(key, klen) >> 32);
+}
+
+/* the slot of key (hash h) in t: its entry, or the free slot where it would go */
+static uint32_t probe(const struct nm_rtab *t, int k, const uint8_t *key, uint32_t h)
+{
+	uint32_t i = h & (t->cap - 1);
 
 	for (;; i = (i + 1) & (t->cap - 1)) {
 		struct nm_rent *e = slot(t, k, i);
 
-		if (!e->last_seq || memcmp(e->key, key, ksize[k]) == 0)
+		if (!e->last_seq || (e->hash == h && same_key(k, e->key, key)))
 			return i;
 	}
 }
@@ -121,7 +157,7 @@ const struct nm_rent *nm_roll_get(const struct nm_bucket *b, int k, const uint8_
 
 	if (!t->cap)
 		return NULL;
-	e = slot(t, k, probe(t, k, key, klen));
+	e = slot(t, k, probe(t, k, key, hash_of(key, klen)));
 	return e->last_seq ? e : NULL;
 }
 
@@ -149,8 +185,7 @@ static int room(struct nm_rollup *r, struct nm_bucket *b, int k)
 		struct nm_rent *e = slot(t, k, i);
 
 		if (e->last_seq)
-			memcpy(slot(&g, k, probe(&g, k, e->key, nm_roll_klen(k, e->key))), e,
-			       stride);
+			memcpy(slot(&g, k, probe(&g, k, e->key, e->hash)), e, stride);
 	}
 	g.n = t->n;
 	r->bytes += (uint64_t)g.cap * stride - (uint64_t)t->cap * stride;
@@ -170,13 +205,16 @@ void nm_roll_add(struct nm_rollup *r, struct nm_bucket *b, uint64_t seq,
 		struct nm_rent *e = t->cap ? slot(t, k, t->last) : NULL;
 
 		/* a run of one key (one process connecting in a loop) skips the hash */
-		if (!e || !e->last_seq || memcmp(e->key, keys[k], ksize[k]) != 0) {
+		if (!e || !e->last_seq || !same_key(k, e->key, keys[k])) {
+			uint32_t h = hash_of(keys[k], klen[k]);
+
 			if (room(r, b, k))
 				continue;
-			t->last = probe(t, k, keys[k], klen[k]);
+			t->last = probe(t, k, keys[k], h);
 			e = slot(t, k, t->last);
 			if (!e->last_seq) {
 				memcpy(e->key, keys[k], ksize[k]);
+				e->hash = h;
 				t->n++;
 			}
 		}

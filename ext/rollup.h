@@ -29,6 +29,7 @@ enum { NM_RK_PID = 0, NM_RK_COMM = 1, NM_RK_DEST = 2, NM_RK_N = 3, NM_RK_TOTAL =
 struct nm_rent {
 	uint64_t last_seq; /* its newest record in the bucket; 0: free slot */
 	uint32_t count, failed;
+	uint32_t hash, _pad; /* compared before the key */
 	uint8_t key[];
 };
 
