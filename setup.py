@@ -57,12 +57,13 @@ def extensions():
 
     ext = Extension(
         "netmon._core",
-        sources=["ext/_core.pyx", "ext/store.c", "ext/consumer.c"],
+        sources=["ext/_core.pyx", "ext/store.c", "ext/rollup.c", "ext/consumer.c"],
         include_dirs=["ext", "bpf", GEN],
         libraries=["bpf"],
         define_macros=[("NETMON_VERSION", f'"{VERSION}"')],
         extra_compile_args=["-O2", "-Wno-unused-function"],
-        depends=["ext/store.h", "ext/consumer.h", "ext/libbpf.pxd", "ext/netmon.pxd",
+        depends=["ext/store.h", "ext/rollup.h", "ext/hash.h", "ext/consumer.h",
+                 "ext/libbpf.pxd", "ext/netmon.pxd",
                  "bpf/netmon.h", "bpf/netmon.bpf.c", "bpf/kernel.h"],
     )
     return cythonize([ext], include_path=["ext"], language_level=3,

@@ -17,7 +17,7 @@ from netmon cimport netmon_event, NETMON_COMM_LEN, NETMON_ADDR_LEN
 
 cdef extern from "store.h" nogil:
     struct nm_store:
-        pass
+        int use_rollups
     enum:
         NM_Q_PID
         NM_Q_COMM
@@ -84,6 +84,7 @@ cdef extern from "store.h" nogil:
     int nm_store_init(nm_store *s, uint64_t capacity)
     void nm_store_free(nm_store *s)
     int nm_store_push(nm_store *s, const void *data, size_t size)
+    int nm_store_push_batch(nm_store *s, const void *data, size_t size)
     struct nm_counters:
         uint64_t head
         uint64_t size
@@ -93,6 +94,9 @@ cdef extern from "store.h" nogil:
         uint64_t in_flight
         uint64_t accepts
         uint64_t oldest_ts
+        uint64_t roll_buckets
+        uint64_t roll_bytes
+        uint64_t roll_given_up
     nm_counters nm_store_counters(nm_store *s)
     int nm_store_query(nm_store *s, const nm_filter *f, uint64_t limit, int newest,
                        nm_hit **out, uint64_t *n, uint64_t *matched)
@@ -343,7 +347,19 @@ cdef class Store:
                 "malformed": c.malformed, "outcomes_unmatched": c.unmatched,
                 "in_flight": c.in_flight,
                 "accepts": c.accepts,
-                "oldest_ts_ns": c.oldest_ts if c.size else None, "last_seq": c.head}
+                "oldest_ts_ns": c.oldest_ts if c.size else None, "last_seq": c.head,
+                "rollup_buckets": c.roll_buckets, "rollup_bytes": c.roll_bytes,
+                "rollup_tables_given_up": c.roll_given_up}
+
+    @property
+    def use_rollups(self):
+        """Whether counts and top-N come from the per-second rollups where their filter
+        allows (the default); False: every query scans. Tests compare the two."""
+        return bool(self.s.use_rollups)
+
+    @use_rollups.setter
+    def use_rollups(self, bint on):
+        self.s.use_rollups = on
 
     def attempts(self):
         """({(family, protocol, key): count}, other): connect attempts ever counted, by what
@@ -517,7 +533,8 @@ cdef class Store:
 
 
 cdef int _on_record(void *ctx, void *data, size_t size) noexcept nogil:
-    return nm_store_push(<nm_store *>ctx, data, size)
+    # the consumer holds the store's lock over the whole batch (consumer.c)
+    return nm_store_push_batch(<nm_store *>ctx, data, size)
 
 
 cdef struct dns_buf:

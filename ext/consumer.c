@@ -94,14 +94,19 @@ int nm_ring_open(struct nm_poll_state *st, int map_fd, ring_buffer_sample_fn cb,
 	return 0;
 }
 
-/* ring_buffer__consume under the lock, unless paused or closed */
+/* ring_buffer__consume under the lock, unless paused or closed; the store's lock is
+ * taken once for the whole batch (the callback pushes with nm_store_push_batch), not
+ * once a record */
 static int consume_locked(struct nm_poll_state *st)
 {
 	int got = 0;
 
 	pthread_mutex_lock(&st->lock);
-	if (st->rb && !st->paused)
+	if (st->rb && !st->paused) {
+		nm_store_lock(st->store);
 		got = ring_buffer__consume(st->rb);
+		nm_store_unlock(st->store);
+	}
 	pthread_mutex_unlock(&st->lock);
 	return got;
 }

@@ -4,8 +4,74 @@
 #include <string.h>
 #include <netinet/in.h>
 #include <sys/mman.h>
+#include <sched.h>
 #include <sys/socket.h>
+#include "hash.h"
 #include "store.h"
+
+#define NM_SCAN_CHUNK 1024 /* records a query visits per hold of the lock */
+#define NM_ROLL_BYTES_PER_RECORD 32 /* the rollups' memory bound: a quarter of the ring's */
+#define NM_ROLL_BYTES_MIN (4u << 20)
+
+static size_t group_key(const struct nm_filter *f, int by, const struct netmon_event *e,
+			uint8_t *key);
+static int nm_failed(const struct netmon_event *e);
+
+/* Locking. Writers (the ring-buffer callback, sweeps, tests) announce themselves when
+ * they find the lock taken; a query scanning in chunks lets an announced writer in
+ * before taking its next chunk, so capture waits for at most one chunk of a scan
+ * (NM_SCAN_CHUNK records: a few µs), never for a whole query. Without the handoff a
+ * releasing reader would take the lock straight back before the sleeping writer woke. */
+void nm_store_lock(struct nm_store *s)
+{
+	if (pthread_mutex_trylock(&s->lock) == 0)
+		return;
+	__atomic_add_fetch(&s->writers_waiting, 1, __ATOMIC_RELAXED);
+	pthread_mutex_lock(&s->lock);
+	__atomic_sub_fetch(&s->writers_waiting, 1, __ATOMIC_RELAXED);
+}
+
+void nm_store_unlock(struct nm_store *s)
+{
+	pthread_mutex_unlock(&s->lock);
+}
+
+static void reader_lock(struct nm_store *s);
+
+/* a reader between two chunks: release, let any announced writer through, retake. The
+ * wait is bounded: a writer that keeps the lock longer (a whole ring-buffer batch) is
+ * waited for on the mutex itself. */
+static void reader_pause(struct nm_store *s)
+{
+	pthread_mutex_unlock(&s->lock);
+	for (unsigned i = 0; i < 1000 && __atomic_load_n(&s->writers_waiting, __ATOMIC_RELAXED);
+	     i++)
+		sched_yield();
+	reader_lock(s);
+}
+
+/* a writer holding the lock over a batch: every NM_SCAN_CHUNK records, if a reader
+ * waits, give it one chunk */
+void nm_store_writer_pause(struct nm_store *s)
+{
+	if (!__atomic_load_n(&s->readers_waiting, __ATOMIC_RELAXED))
+		return;
+	pthread_mutex_unlock(&s->lock);
+	for (unsigned i = 0; i < 1000 && __atomic_load_n(&s->readers_waiting, __ATOMIC_RELAXED);
+	     i++)
+		sched_yield();
+	nm_store_lock(s);
+}
+
+/* a reader's first lock, announced so a writer in a batch can let it in */
+static void reader_lock(struct nm_store *s)
+{
+	if (pthread_mutex_trylock(&s->lock) == 0)
+		return;
+	__atomic_add_fetch(&s->readers_waiting, 1, __ATOMIC_RELAXED);
+	pthread_mutex_lock(&s->lock);
+	__atomic_sub_fetch(&s->readers_waiting, 1, __ATOMIC_RELAXED);
+}
 
 /* Zeroed memory whose pages are touched (and counted in RSS) only as the ring fills, in
  * transparent huge pages where the kernel allows: a fresh store otherwise spends a
@@ -30,7 +96,10 @@ int nm_store_init(struct nm_store *s, uint64_t capacity)
 	s->waiting = calloc(NM_JOIN_SLOTS, sizeof(*s->waiting));
 	s->early = calloc(NM_JOIN_SLOTS, sizeof(*s->early));
 	s->capacity = capacity;
-	if (!s->ring || !s->keys || !s->waiting || !s->early) {
+	s->use_rollups = 1;
+	if (nm_roll_init(&s->roll, capacity * NM_ROLL_BYTES_PER_RECORD > NM_ROLL_BYTES_MIN ?
+			 capacity * NM_ROLL_BYTES_PER_RECORD : NM_ROLL_BYTES_MIN) ||
+	    !s->ring || !s->keys || !s->waiting || !s->early) {
 		nm_store_free(s);
 		return -ENOMEM;
 	}
@@ -50,15 +119,8 @@ void nm_store_free(struct nm_store *s)
 		munmap(s->keys, s->capacity * sizeof(*s->keys));
 	free(s->waiting);
 	free(s->early);
+	nm_roll_free(&s->roll);
 	memset(s, 0, sizeof(*s));
-}
-
-/* the one hash mixer: a Fibonacci multiply with its high half folded down, so the top
- * bits and the low bits alike depend on every bit a caller's keys vary in */
-static inline uint64_t mix(uint64_t x)
-{
-	x *= 0x9E3779B97F4A7C15ull;
-	return x ^ x >> 32;
 }
 
 static inline uint32_t comm_tag(const char *comm)
@@ -133,6 +195,40 @@ static void apply_outcome(struct netmon_event *e, const struct netmon_event *o)
 	}
 }
 
+/* the rollups' keys of a record: its pid, command and destination as top-N groups them */
+static void roll_keys(const struct netmon_event *e, uint8_t keys[NM_RK_N][NM_RK_KEY_MAX],
+		      uint32_t klen[NM_RK_N])
+{
+	memset(keys[NM_RK_DEST], 0, NM_RK_KEY_MAX); /* compared padded */
+	klen[NM_RK_PID] = group_key(NULL, NM_BY_PID, e, keys[NM_RK_PID]);
+	klen[NM_RK_COMM] = group_key(NULL, NM_BY_COMM, e, keys[NM_RK_COMM]);
+	klen[NM_RK_DEST] = group_key(NULL, NM_BY_DEST, e, keys[NM_RK_DEST]);
+}
+
+static void roll_failed(struct nm_store *s, const struct netmon_event *e, uint64_t seq,
+			int delta)
+{
+	uint8_t keys[NM_RK_N][NM_RK_KEY_MAX];
+	uint32_t klen[NM_RK_N];
+
+	roll_keys(e, keys, klen);
+	nm_roll_failed(&s->roll, seq, keys, klen, delta);
+}
+
+/* the stored record e, sequence number seq, into its bucket; caller holds the lock */
+static void roll_push(struct nm_store *s, const struct netmon_event *e, uint64_t seq)
+{
+	struct nm_bucket *b = nm_roll_bucket(&s->roll, seq, e->ts_ns);
+	uint8_t keys[NM_RK_N][NM_RK_KEY_MAX];
+	uint32_t klen[NM_RK_N];
+
+	nm_roll_evict(&s->roll, seq > s->capacity ? seq - s->capacity + 1 : 1);
+	if (e->kind != NETMON_KIND_CONNECT)
+		return;
+	roll_keys(e, keys, klen);
+	nm_roll_add(&s->roll, b, seq, keys, klen, nm_failed(e));
+}
+
 /* caller holds the lock */
 static void push_outcome(struct nm_store *s, const struct netmon_event *o)
 {
@@ -145,8 +241,12 @@ static void push_outcome(struct nm_store *s, const struct netmon_event *o)
 		w->sock_id = 0;
 		s->in_flight--;
 		if (w->seq + held(s) > s->head && e->sock_id == o->sock_id) {
+			int was = nm_failed(e);
+
 			apply_outcome(e, o);
 			count_attempt(s, e);
+			if (nm_failed(e) != was) /* the rollups count failures too */
+				roll_failed(s, e, w->seq, nm_failed(e) - was);
 			return;
 		}
 		/* its event was overwritten: the attempt is still counted by its outcome */
@@ -192,20 +292,27 @@ uint64_t nm_store_attempts(struct nm_store *s, struct nm_attempt *out, uint64_t 
 {
 	uint64_t n = 0;
 
-	pthread_mutex_lock(&s->lock);
+	reader_lock(s);
 	for (unsigned i = 0; i < NM_ATTEMPT_SLOTS; i++)
 		if (s->attempts[i].count)
 			out[n++] = s->attempts[i];
 	*other = s->attempts_other;
-	pthread_mutex_unlock(&s->lock);
+	nm_store_unlock(s);
 	return n;
 }
 
 int nm_store_push(struct nm_store *s, const void *data, size_t size)
 {
+	nm_store_lock(s);
+	nm_store_push_held(s, data, size);
+	nm_store_unlock(s);
+	return 0;
+}
+
+int nm_store_push_held(struct nm_store *s, const void *data, size_t size)
+{
 	const struct netmon_event *in = data;
 
-	pthread_mutex_lock(&s->lock);
 	if (size != sizeof(struct netmon_event)) {
 		s->malformed++;
 	} else if (in->kind == NETMON_KIND_TCP_OUTCOME) {
@@ -222,7 +329,7 @@ int nm_store_push(struct nm_store *s, const void *data, size_t size)
 		memcpy(e, in, sizeof(*e));
 		s->keys[slot].pid = e->pid;
 		s->keys[slot].tag = comm_tag(e->comm) | e->kind;
-		s->head++;
+		__atomic_store_n(&s->head, s->head + 1, __ATOMIC_RELEASE); /* top_result peeks */
 		if (e->kind == NETMON_KIND_CONNECT) {
 			if (!(e->flags & NETMON_F_NO_RESULT) && e->ret == -EINPROGRESS)
 				e->flags |= NETMON_F_INPROGRESS;
@@ -233,8 +340,16 @@ int nm_store_push(struct nm_store *s, const void *data, size_t size)
 		} else if (e->kind == NETMON_KIND_ACCEPT) {
 			s->accepts++;
 		}
+		roll_push(s, e, s->head); /* after the join: an early outcome counts */
 	}
-	pthread_mutex_unlock(&s->lock);
+	return 0;
+}
+
+int nm_store_push_batch(struct nm_store *s, const void *data, size_t size)
+{
+	nm_store_push_held(s, data, size);
+	if (++s->batch % NM_SCAN_CHUNK == 0)
+		nm_store_writer_pause(s);
 	return 0;
 }
 
@@ -248,12 +363,13 @@ struct nm_counters nm_store_counters(struct nm_store *s)
 {
 	struct nm_counters c;
 
-	pthread_mutex_lock(&s->lock);
+	reader_lock(s);
 	c = (struct nm_counters){s->head, held(s), s->evicted, s->malformed, s->unmatched,
-				 s->in_flight, s->accepts, 0};
+				 s->in_flight, s->accepts, 0, s->roll.n, s->roll.bytes,
+				 s->roll.given_up};
 	if (c.size)
 		c.oldest_ts = at(s, s->head - c.size + 1, 0)->ts_ns;
-	pthread_mutex_unlock(&s->lock);
+	nm_store_unlock(s);
 	return c;
 }
 
@@ -439,42 +555,229 @@ static inline int prematch(const struct prefilter *p, const struct nm_key *k)
 	return (!p->by_pid || k->pid == p->pid) && (k->tag & p->tagmask) == p->tag;
 }
 
-/* a walk over the logical range [lo, hi), oldest first or newest first (back) */
-struct cursor {
-	uint64_t i, slot, left;
+/* ---- scanning in chunks ----
+ * A scan visits the sequence numbers [lo, hi) of its window, newest first (back) or
+ * oldest first, holding the lock for at most NM_SCAN_CHUNK records at a time. Between
+ * chunks the consumer may push (records past hi: not this answer's) and evict (the
+ * range's old end is clamped to the oldest record still held: a forward scan skips what
+ * went, a backward one ends sooner). An answer thus counts each record of its window that
+ * was still held when the scan reached it; on a quiet store, exactly the window. */
+
+static inline uint64_t first_held(const struct nm_store *s)
+{
+	return s->head - held(s) + 1;
+}
+
+struct scan {
+	uint64_t lo, hi; /* sequence numbers still to visit */
 	int back;
+	struct prefilter p;
+	const struct nm_filter *f;
+	int exact; /* the key column answers f alone: the records need not be read */
 };
 
-static inline struct cursor walk(const struct nm_store *s, uint64_t first, uint64_t lo,
-				 uint64_t hi, int back)
-{
-	uint64_t i = back && hi > lo ? hi - 1 : lo;
+/* 0: go on, 1: stop, < 0: stop with that error */
+typedef int (*visit_fn)(void *ctx, struct nm_store *s, uint64_t seq,
+			const struct netmon_event *e);
 
-	return (struct cursor){i, (first - 1 + i) % s->capacity, hi - lo, back};
+/* the window of f as sequence numbers; caller holds the lock */
+static struct scan scan_of(const struct nm_store *s, const struct nm_filter *f, int back)
+{
+	uint64_t first, lo, hi;
+
+	window(s, f, &first, &lo, &hi);
+	return (struct scan){first + lo, first + hi, back, prefilter_of(f), f,
+			     !(f->mask & ~(uint32_t)(NM_Q_KIND | NM_Q_PID))};
 }
 
-static inline void step(const struct nm_store *s, struct cursor *c)
+/* visit one chunk (caller holds the lock) and take it off the range */
+static int scan_chunk(struct nm_store *s, struct scan *sc, visit_fn fn, void *ctx)
 {
-	c->left--;
-	if (c->back) {
-		c->i--;
-		c->slot = c->slot ? c->slot - 1 : s->capacity - 1;
-	} else {
-		c->i++;
-		c->slot = c->slot + 1 == s->capacity ? 0 : c->slot + 1;
+	uint64_t n = sc->hi - sc->lo < NM_SCAN_CHUNK ? sc->hi - sc->lo : NM_SCAN_CHUNK;
+	uint64_t seq = sc->back ? sc->hi - 1 : sc->lo, slot = (seq - 1) % s->capacity;
+	int rc = 0;
+
+	if (sc->back)
+		sc->hi -= n;
+	else
+		sc->lo += n;
+	for (; n; n--) {
+		if (prematch(&sc->p, &s->keys[slot]) && (sc->exact || match(sc->f, &s->ring[slot])) &&
+		    (rc = fn(ctx, s, seq, &s->ring[slot])))
+			return rc;
+		if (sc->back) {
+			seq--;
+			slot = slot ? slot - 1 : s->capacity - 1;
+		} else {
+			seq++;
+			slot = slot + 1 == s->capacity ? 0 : slot + 1;
+		}
 	}
+	return 0;
 }
 
-/* the record at c if it matches f (the key column first), else NULL */
-static inline const struct netmon_event *hit(const struct nm_store *s, const struct cursor *c,
-					      const struct prefilter *p, const struct nm_filter *f)
+/* the whole range, chunk by chunk; the lock is held on entry and on return, but released
+ * between chunks (any writer waiting goes first). Returns 0 or the visitor's error. */
+static int scan_run(struct nm_store *s, struct scan *sc, visit_fn fn, void *ctx)
 {
-	const struct netmon_event *e;
+	int rc = 0;
 
-	if (!prematch(p, &s->keys[c->slot]))
+	while (sc->lo < sc->hi && !(rc = scan_chunk(s, sc, fn, ctx)) && sc->lo < sc->hi) {
+		reader_pause(s);
+		if (sc->lo < first_held(s))
+			sc->lo = first_held(s);
+	}
+	return rc < 0 ? rc : 0;
+}
+
+/* ---- answers from the rollups ----
+ * A window walked newest first, as a scan would, but a whole bucket (not the newest one,
+ * which is still filling; not one partly evicted) comes from its tables; the rest, at most
+ * a partial bucket at each end of the window and the buckets whose table was given up, is
+ * scanned. The lock is released every NM_SCAN_CHUNK units of work, as scans do; merging
+ * a bucket's table can span several. */
+
+/* merge bucket b's table k from slot *pos on, spending *budget; 1: done, 0: out of
+ * budget, < 0: error */
+typedef int (*bucket_fn)(void *ctx, struct nm_store *s, const struct nm_bucket *b, int k,
+			 uint32_t *pos, int64_t *budget);
+
+/* the table a filter can be answered from with one key a bucket (NM_RK_PID, NM_RK_COMM, or
+ * NM_RK_TOTAL for none), or -1 when it asks for anything else (a scan then) */
+static int roll_table_for(const struct nm_store *s, const struct nm_filter *f)
+{
+	uint32_t m = f->mask & ~NM_Q_KIND;
+
+	if (!s->use_rollups || !(f->mask & NM_Q_KIND) || f->kind != NETMON_KIND_CONNECT)
+		return -1;
+	return m == 0 ? NM_RK_TOTAL : m == NM_Q_PID ? NM_RK_PID : m == NM_Q_COMM ? NM_RK_COMM : -1;
+}
+
+/* the bucket that holds seq if a walk down to lo may take it whole from table k: not one
+ * partly evicted, nor partly outside the window. The newest bucket, still filling, is
+ * whole when the window reaches the newest record. */
+static const struct nm_bucket *whole_bucket(const struct nm_store *s, uint64_t seq,
+					    uint64_t lo, int k)
+{
+	const struct nm_rollup *r = &s->roll;
+	uint64_t id = nm_roll_find(r, seq);
+	const struct nm_bucket *b;
+	uint64_t end;
+
+	if (id == UINT64_MAX)
 		return NULL;
-	e = &s->ring[c->slot];
-	return match(f, e) ? e : NULL;
+	b = nm_roll_at(r, id);
+	end = id + 1 < r->first + r->n ? nm_roll_at(r, id + 1)->first_seq : s->head + 1;
+	if (b->first_seq < lo || b->first_seq < first_held(s) || end != seq + 1 ||
+	    (k < NM_RK_N && (b->over & (1u << k))))
+		return NULL;
+	return b;
+}
+
+/* The window sc (newest first) from table k's buckets and scans; lock held on entry and
+ * return. Returns 0, an error, or -EAGAIN when the newest bucket's table grew (moved)
+ * while it was being merged: the caller starts again. */
+static int roll_run(struct nm_store *s, struct scan *sc, int k, visit_fn fn, bucket_fn bfn,
+		    void *ctx)
+{
+	int64_t budget = NM_SCAN_CHUNK;
+	uint64_t bid = UINT64_MAX; /* a bucket being merged */
+	const void *table = NULL;  /* its table when the merge began */
+	uint32_t pos = 0;
+	int rc;
+
+	while (sc->lo < sc->hi) {
+		if (budget <= 0) {
+			reader_pause(s);
+			budget = NM_SCAN_CHUNK;
+			if (sc->lo < first_held(s))
+				sc->lo = first_held(s);
+			/* the bucket being merged went: so did everything older */
+			if (bid != UINT64_MAX && (bid < s->roll.first ||
+						  nm_roll_at(&s->roll, bid)->first_seq < sc->lo))
+				break;
+			/* records went on filling it (those counted too: they are in the
+			 * window, which reaches the newest), but its table moved */
+			if (bid != UINT64_MAX && k < NM_RK_N && nm_roll_at(&s->roll, bid)->t[k].v != table)
+				return -EAGAIN;
+			continue;
+		}
+		if (bid == UINT64_MAX) {
+			const struct nm_bucket *b = whole_bucket(s, sc->hi - 1, sc->lo, k);
+
+			if (!b) { /* scan back to the start of its bucket, or to lo */
+				uint64_t id = nm_roll_find(&s->roll, sc->hi - 1);
+				uint64_t start = id == UINT64_MAX ? 0 : nm_roll_at(&s->roll, id)->first_seq;
+				struct scan part = *sc;
+
+				part.lo = start > sc->lo ? start : sc->lo;
+				if (part.hi - part.lo > (uint64_t)budget)
+					part.lo = part.hi - budget;
+				budget -= part.hi - part.lo;
+				if ((rc = scan_chunk(s, &part, fn, ctx)))
+					return rc < 0 ? rc : 0;
+				sc->hi = part.lo;
+				continue;
+			}
+			bid = b->id;
+			table = k < NM_RK_N ? b->t[k].v : NULL;
+			pos = 0;
+		}
+		rc = bfn(ctx, s, nm_roll_at(&s->roll, bid), k, &pos, &budget);
+		if (rc < 0)
+			return rc;
+		if (rc) {
+			sc->hi = nm_roll_at(&s->roll, bid)->first_seq;
+			bid = UINT64_MAX;
+		}
+	}
+	return 0;
+}
+
+struct roll_count {
+	uint64_t count;
+	uint8_t key[NM_RK_KEY_MAX];
+	uint32_t klen;
+};
+
+static int visit_count(void *ctx, struct nm_store *s, uint64_t seq, const struct netmon_event *e)
+{
+	(void)s, (void)seq, (void)e;
+	((struct roll_count *)ctx)->count++;
+	return 0;
+}
+
+static int bucket_count(void *ctx, struct nm_store *s, const struct nm_bucket *b, int k,
+			uint32_t *pos, int64_t *budget)
+{
+	struct roll_count *c = ctx;
+	const struct nm_rent *e;
+
+	(void)s, (void)pos;
+	*budget -= 16; /* a lookup costs about as much as 16 records' key checks */
+	if (k == NM_RK_TOTAL)
+		c->count += b->connects;
+	else if ((e = nm_roll_get(b, k, c->key, c->klen)))
+		c->count += e->count;
+	return 1;
+}
+
+/* how many records of the window match f, from the rollups (k: roll_table_for(f)) */
+static uint64_t roll_count(struct nm_store *s, const struct nm_filter *f, int k)
+{
+	struct roll_count c = {0};
+	struct netmon_event src = {0}; /* a record with the key asked for */
+	struct scan sc;
+
+	src.pid = f->pid;
+	memcpy(src.comm, f->comm, NETMON_COMM_LEN);
+	if (k != NM_RK_TOTAL)
+		c.klen = group_key(NULL, k == NM_RK_PID ? NM_BY_PID : NM_BY_COMM, &src, c.key);
+	reader_lock(s);
+	sc = scan_of(s, f, 1);
+	roll_run(s, &sc, k, visit_count, bucket_count, &c);
+	nm_store_unlock(s);
+	return c.count;
 }
 
 /* a growable array of hits */
@@ -510,96 +813,114 @@ static void hits_reverse(struct hits *h)
 	}
 }
 
+struct query_ctx {
+	struct hits h;
+	uint64_t count, limit;
+	int want, need_count;
+};
+
+static int visit_query(void *ctx, struct nm_store *s, uint64_t seq, const struct netmon_event *e)
+{
+	struct query_ctx *q = ctx;
+	int err;
+
+	(void)s;
+	q->count++;
+	if (q->want && (q->limit == 0 || q->h.n < q->limit) && (err = hits_add(&q->h, seq, e)))
+		return err;
+	return q->limit && q->h.n == q->limit && !q->need_count; /* enough */
+}
+
 int nm_store_query(struct nm_store *s, const struct nm_filter *f, uint64_t limit, int newest,
 		   struct nm_hit **out, uint64_t *n, uint64_t *matched)
 {
-	struct hits h = {0};
-	uint64_t first, lo, hi, count = 0;
-	int err = 0;
+	struct query_ctx q = {{0}, 0, limit, out != NULL, matched != NULL};
+	struct scan sc;
+	int err, k = roll_table_for(s, f);
 
-	struct prefilter p = prefilter_of(f);
-
-	pthread_mutex_lock(&s->lock);
-	window(s, f, &first, &lo, &hi);
-	for (struct cursor c = walk(s, first, lo, hi, newest); c.left; step(s, &c)) {
-		const struct netmon_event *e = hit(s, &c, &p, f);
-
-		if (!e)
-			continue;
-		count++;
-		if (out && (limit == 0 || h.n < limit) && (err = hits_add(&h, first + c.i, e)))
-			break;
-		if (out && limit && h.n == limit && !newest && !matched)
-			break;
+	if (!out && k >= 0) { /* a count: from the rollups */
+		if (n)
+			*n = 0;
+		if (matched)
+			*matched = roll_count(s, f, k);
+		return 0;
 	}
-	pthread_mutex_unlock(&s->lock);
+	reader_lock(s);
+	sc = scan_of(s, f, newest);
+	err = scan_run(s, &sc, visit_query, &q);
+	nm_store_unlock(s);
 	if (err) {
-		free(h.v);
+		free(q.h.v);
 		return err;
 	}
 	if (newest)
-		hits_reverse(&h);
+		hits_reverse(&q.h);
 	if (out)
-		*out = h.v;
+		*out = q.h.v;
 	if (n)
-		*n = h.n;
+		*n = q.h.n;
 	if (matched)
-		*matched = count;
+		*matched = q.count;
 	return 0;
 }
 
-/* would the record hold a follower back: a TCP handshake still pending, recent enough to
- * wait for, that matches the filter but for its result */
-static inline int holds(const struct nm_filter *f, const struct netmon_event *e,
-			uint64_t hold_ns)
-{
-	struct nm_filter any = *f;
+struct follow_ctx {
+	struct hits h;
+	const struct nm_filter *f;
+	uint64_t limit, hold_ns, upto, holder;
+	int stopped;
+};
 
-	if (!hold_ns || e->outcome != NETMON_OUTCOME_PENDING || e->ts_ns < hold_ns)
-		return 0;
-	any.mask &= ~NM_Q_RESULT;
-	return match(&any, e);
+/* e matches the filter but for its result. It holds the follower back if it is a TCP
+ * handshake still pending, recent enough to wait for; else it is a hit if it matches. */
+static int visit_follow(void *ctx, struct nm_store *s, uint64_t seq, const struct netmon_event *e)
+{
+	struct follow_ctx *c = ctx;
+	int err;
+
+	(void)s;
+	if (c->hold_ns && e->outcome == NETMON_OUTCOME_PENDING && e->ts_ns >= c->hold_ns) {
+		c->holder = seq;
+		c->upto = seq - 1;
+		c->stopped = 1;
+		return 1;
+	}
+	if (match(c->f, e) && (err = hits_add(&c->h, seq, e)))
+		return err;
+	if (c->limit && c->h.n == c->limit) {
+		c->upto = seq;
+		c->stopped = 1;
+		return 1;
+	}
+	return 0;
 }
 
 int nm_store_follow(struct nm_store *s, const struct nm_filter *f, uint64_t limit,
 		    uint64_t hold_ns, struct nm_hit **out, uint64_t *n, uint64_t *upto,
 		    uint64_t *holder, uint64_t *oldest)
 {
-	struct hits h = {0};
-	uint64_t first, lo, hi;
-	struct prefilter p = prefilter_of(f); /* no result in the key column: serves holds too */
-	int err = 0;
+	struct follow_ctx c = {{0}, f, limit, hold_ns, 0, 0, 0};
+	struct nm_filter any = *f; /* the walk: a record that matches but for its result
+				      is a hit or holds the follower back */
+	struct scan sc;
+	uint64_t end;
+	int err;
 
-	*holder = 0;
-	pthread_mutex_lock(&s->lock);
-	window(s, f, &first, &lo, &hi);
-	*oldest = first;
-	*upto = first + lo - 1; /* complete up to the window's start */
-	for (struct cursor c = walk(s, first, lo, hi, 0); c.left; step(s, &c)) {
-		const struct netmon_event *e;
-
-		if (!prematch(&p, &s->keys[c.slot])) {
-			*upto = first + c.i;
-			continue;
-		}
-		e = &s->ring[c.slot];
-		if (holds(f, e, hold_ns)) {
-			*holder = first + c.i;
-			break;
-		}
-		*upto = first + c.i;
-		if (match(f, e) && (err = hits_add(&h, first + c.i, e)))
-			break;
-		if (limit && h.n == limit)
-			break;
-	}
-	pthread_mutex_unlock(&s->lock);
+	any.mask &= ~NM_Q_RESULT;
+	reader_lock(s);
+	sc = scan_of(s, &any, 0);
+	*oldest = first_held(s);
+	end = sc.hi - 1; /* complete up to the window's end, or up to its start if empty */
+	err = scan_run(s, &sc, visit_follow, &c);
+	nm_store_unlock(s);
 	if (err) {
-		free(h.v);
+		free(c.h.v);
 		return err;
 	}
-	*out = h.v;
-	*n = h.n;
+	*upto = c.stopped ? c.upto : end;
+	*holder = c.holder;
+	*out = c.h.v;
+	*n = c.h.n;
 	return 0;
 }
 
@@ -648,53 +969,54 @@ static struct pidcount *pidmap_get(struct pidmap *m, uint32_t pid)
 	return &m->v[j];
 }
 
+struct latest_ctx {
+	struct hits h;
+	struct pidmap m;
+	uint64_t per_pid, max_total;
+	int by_pid, truncated;
+};
+
+static int visit_latest(void *ctx, struct nm_store *s, uint64_t seq, const struct netmon_event *e)
+{
+	struct latest_ctx *l = ctx;
+	struct pidcount *c;
+
+	(void)s;
+	if (l->max_total && l->h.n >= l->max_total) { /* the answer is full */
+		l->truncated = 1;
+		return 1;
+	}
+	if (!(c = pidmap_get(&l->m, e->pid)))
+		return -ENOMEM;
+	if (c->count++ >= l->per_pid) {
+		l->truncated = 1;
+		return l->by_pid; /* the one pid asked for is complete */
+	}
+	return hits_add(&l->h, seq, e);
+}
+
 int nm_store_latest_per_pid(struct nm_store *s, const struct nm_filter *f, uint64_t per_pid,
 			    uint64_t max_total, struct nm_hit **out, uint64_t *n,
 			    uint64_t *pids, int *truncated)
 {
-	struct hits h = {0};
-	struct pidmap m = {0};
-	uint64_t first, lo, hi;
-	int err = 0;
+	struct latest_ctx l = {{0}, {0}, per_pid, max_total, !!(f->mask & NM_Q_PID), 0};
+	struct scan sc;
+	int err;
 
-	struct prefilter p = prefilter_of(f);
-
-	*truncated = 0;
-	pthread_mutex_lock(&s->lock);
-	window(s, f, &first, &lo, &hi);
-	for (struct cursor cur = walk(s, first, lo, hi, 1); cur.left; step(s, &cur)) {
-		const struct netmon_event *e = hit(s, &cur, &p, f);
-		struct pidcount *c;
-
-		if (!e)
-			continue;
-		if (max_total && h.n >= max_total) { /* the answer is full */
-			*truncated = 1;
-			break;
-		}
-		if (!(c = pidmap_get(&m, e->pid))) {
-			err = -ENOMEM;
-			break;
-		}
-		if (c->count++ >= per_pid) {
-			*truncated = 1;
-			if (p.by_pid) /* the one pid asked for is complete */
-				break;
-			continue;
-		}
-		if ((err = hits_add(&h, first + cur.i, e)))
-			break;
-	}
-	pthread_mutex_unlock(&s->lock);
-	free(m.v);
+	reader_lock(s);
+	sc = scan_of(s, f, 1);
+	err = scan_run(s, &sc, visit_latest, &l);
+	nm_store_unlock(s);
+	free(l.m.v);
 	if (err) {
-		free(h.v);
+		free(l.h.v);
 		return err;
 	}
-	hits_reverse(&h);
-	*out = h.v;
-	*n = h.n;
-	*pids = m.n;
+	hits_reverse(&l.h);
+	*out = l.h.v;
+	*n = l.h.n;
+	*pids = l.m.n;
+	*truncated = l.truncated;
 	return 0;
 }
 
@@ -713,9 +1035,9 @@ static size_t group_key(const struct nm_filter *f, int by, const struct netmon_e
 	case NM_BY_DEST:
 		memcpy(key, &e->family, 2);
 		memcpy(key + 2, &e->port, 2);
-		key[4] = e->addr_len;
-		memcpy(key + 5, e->addr, e->addr_len);
-		return 5 + e->addr_len;
+		key[4] = e->addr_len < NETMON_ADDR_LEN ? e->addr_len : NETMON_ADDR_LEN;
+		memcpy(key + 5, e->addr, key[4]);
+		return 5 + key[4];
 	case NM_BY_COMM:
 		memcpy(key, e->comm, NETMON_COMM_LEN);
 		return NETMON_COMM_LEN;
@@ -741,117 +1063,215 @@ static size_t group_key(const struct nm_filter *f, int by, const struct netmon_e
 	}
 }
 
-/* 40 bytes a group: the representative stays in the ring (by slot), so even a window
- * where every record is its own group costs a fraction of the store */
+/* 48 bytes a group and its key's bytes: the representative stays in the ring (by
+ * sequence number), so even a window where every record is its own group costs a fraction
+ * of the store. The key is kept apart from the ring: a scan releases the lock between
+ * chunks, and a record it saw may be overwritten by the time the next one compares. */
 struct group {
 	uint64_t hash; /* 0: empty slot */
 	uint64_t count, failed;
-	uint64_t slot, ts; /* the group's newest record */
+	uint64_t seq;  /* the group's newest record */
+	uint32_t koff, klen; /* its key in the table's key bytes */
 };
 
-/* a group key's hash, a word at a time; never 0 (the empty slot) */
-static uint64_t key_hash(const uint8_t *p, size_t n)
-{
-	uint64_t h = n, w;
+struct gtab {
+	struct group *g;
+	uint64_t cap, used;
+	uint8_t *keys;
+	uint64_t klen, kcap;
+};
 
-	for (; n >= 8; p += 8, n -= 8) {
-		memcpy(&w, p, 8);
-		h = mix(h ^ w);
-	}
-	if (n) {
-		w = 0;
-		memcpy(&w, p, n);
-		h = mix(h ^ w);
-	}
-	return h | 1;
-}
-
+/* largest first; ties: the most recently seen first */
 static int by_count_desc(const void *a, const void *b)
 {
 	const struct group *x = a, *y = b;
 
 	if (x->count != y->count)
 		return x->count < y->count ? 1 : -1;
-	return x->ts < y->ts ? 1 : x->ts > y->ts ? -1 : 0;
+	return x->seq < y->seq ? 1 : x->seq > y->seq ? -1 : 0;
 }
 
-static int grow(struct group **g, uint64_t *cap)
+static int grow(struct gtab *t)
 {
-	uint64_t ncap = *cap ? *cap * 2 : 256, j;
+	uint64_t ncap = t->cap ? t->cap * 2 : 256, j;
 	struct group *ng = calloc(ncap, sizeof(*ng));
 
 	if (!ng)
 		return -ENOMEM;
-	for (uint64_t k = 0; k < *cap; k++) {
-		if (!(*g)[k].hash)
+	for (uint64_t k = 0; k < t->cap; k++) {
+		if (!t->g[k].hash)
 			continue;
-		for (j = (*g)[k].hash & (ncap - 1); ng[j].hash; j = (j + 1) & (ncap - 1))
+		for (j = t->g[k].hash & (ncap - 1); ng[j].hash; j = (j + 1) & (ncap - 1))
 			;
-		ng[j] = (*g)[k];
+		ng[j] = t->g[k];
 	}
-	free(*g);
-	*g = ng;
-	*cap = ncap;
+	free(t->g);
+	t->g = ng;
+	t->cap = ncap;
+	return 0;
+}
+
+/* the group of key (new groups start empty), or NULL without memory */
+static struct group *gtab_get(struct gtab *t, const uint8_t *key, uint32_t klen)
+{
+	uint64_t h = key_hash(key, klen), j;
+
+	if ((t->used + 1) * 2 > t->cap && grow(t))
+		return NULL;
+	for (j = h & (t->cap - 1); t->g[j].hash; j = (j + 1) & (t->cap - 1)) {
+		struct group *g = &t->g[j];
+
+		if (g->hash == h && g->klen == klen && memcmp(t->keys + g->koff, key, klen) == 0)
+			return g;
+	}
+	if (t->klen + klen > t->kcap) {
+		uint64_t kcap = t->kcap ? t->kcap * 2 : 4096;
+		uint8_t *k = kcap > UINT32_MAX ? NULL : realloc(t->keys, kcap);
+
+		if (!k)
+			return NULL;
+		t->keys = k;
+		t->kcap = kcap;
+	}
+	memcpy(t->keys + t->klen, key, klen);
+	t->g[j] = (struct group){h, 0, 0, 0, (uint32_t)t->klen, klen};
+	t->klen += klen;
+	t->used++;
+	return &t->g[j];
+}
+
+static void gtab_free(struct gtab *t)
+{
+	free(t->g);
+	free(t->keys);
+}
+
+struct top_ctx {
+	struct gtab t;
+	int by;
+	uint64_t count;
+	const struct nm_filter *f; /* by name: the filter's name windows */
+};
+
+static int visit_top(void *ctx, struct nm_store *s, uint64_t seq, const struct netmon_event *e)
+{
+	struct top_ctx *c = ctx;
+	uint8_t key[8 + NETMON_ADDR_LEN];
+	struct group *g;
+	int failed = nm_failed(e);
+
+	(void)s;
+	if (c->by == NM_BY_ERROR && !failed)
+		return 0;
+	c->count++;
+	if (!(g = gtab_get(&c->t, key, group_key(c->f, c->by, e, key))))
+		return -ENOMEM;
+	if (seq > g->seq) /* the group's newest record */
+		g->seq = seq;
+	g->count++;
+	g->failed += failed;
+	return 0;
+}
+
+/* merge bucket b's table k into the groups */
+static int bucket_top(void *ctx, struct nm_store *s, const struct nm_bucket *b, int k,
+		      uint32_t *pos, int64_t *budget)
+{
+	struct top_ctx *c = ctx;
+	const struct nm_rtab *t = &b->t[k];
+	uint32_t stride = nm_roll_stride(k);
+
+	(void)s;
+	for (; *pos < t->cap; (*pos)++) {
+		const struct nm_rent *e = (const void *)(t->v + (size_t)*pos * stride);
+		struct group *g;
+
+		if (*budget <= 0)
+			return 0;
+		*budget -= 1;
+		if (!e->last_seq)
+			continue;
+		*budget -= 3;
+		if (!(g = gtab_get(&c->t, e->key, nm_roll_klen(k, e->key))))
+			return -ENOMEM;
+		g->count += e->count;
+		g->failed += e->failed;
+		if (e->last_seq > g->seq)
+			g->seq = e->last_seq;
+		c->count += e->count;
+	}
+	return 1;
+}
+
+/* Rank the groups and copy the largest `limit` representatives out of the ring. A group
+ * whose newest record was evicted while the answer was made has no record left in the
+ * store: it is left out, and out of *groups and *matched. Takes and releases the lock. */
+static int top_result(struct nm_store *s, struct gtab *t, uint64_t limit, struct nm_top **out,
+		      uint64_t *n, uint64_t *groups, uint64_t *matched)
+{
+	uint64_t m = 0, first, take = 0, gone = 0;
+	uint64_t head = __atomic_load_n(&s->head, __ATOMIC_ACQUIRE);
+	struct nm_top *res;
+
+	/* a snapshot, without the lock: it only rises */
+	first = head > s->capacity ? head - s->capacity + 1 : 1;
+	for (uint64_t k = 0; k < t->cap; k++) { /* compact, leaving out what went */
+		if (!t->g[k].hash)
+			continue;
+		if (t->g[k].seq >= first)
+			t->g[m++] = t->g[k];
+		else
+			*matched -= t->g[k].count;
+	}
+	if (m)
+		qsort(t->g, m, sizeof(*t->g), by_count_desc);
+	res = malloc(((limit && limit < m ? limit : m) + 1) * sizeof(*res));
+	if (!res)
+		return -ENOMEM;
+	reader_lock(s);
+	first = first_held(s);
+	for (uint64_t k = 0; k < m && (!limit || take < limit); k++) {
+		if (t->g[k].seq < first) { /* went since the snapshot */
+			*matched -= t->g[k].count;
+			gone++;
+			continue;
+		}
+		res[take++] = (struct nm_top){t->g[k].count, t->g[k].failed,
+					      s->ring[(t->g[k].seq - 1) % s->capacity]};
+	}
+	nm_store_unlock(s);
+	*groups = m - gone;
+	*out = res;
+	*n = take;
 	return 0;
 }
 
 int nm_store_top(struct nm_store *s, const struct nm_filter *f, int by, uint64_t limit,
 		 struct nm_top **out, uint64_t *n, uint64_t *groups, uint64_t *matched)
 {
-	uint8_t key[8 + NETMON_ADDR_LEN], other[8 + NETMON_ADDR_LEN];
-	struct group *g = NULL;
-	uint64_t cap = 0, used = 0, count = 0, first, lo, hi, take;
-	struct prefilter p = prefilter_of(f);
-	struct nm_top *res = NULL;
-	int err = 0;
+	struct top_ctx c = {{0}, by, 0, f};
+	struct scan sc;
+	int err, k = by == NM_BY_DEST ? NM_RK_DEST : by == NM_BY_COMM ? NM_RK_COMM
+		     : by == NM_BY_PID ? NM_RK_PID : -1;
 
-	pthread_mutex_lock(&s->lock);
-	window(s, f, &first, &lo, &hi);
-	for (struct cursor cur = walk(s, first, lo, hi, 1); cur.left; step(s, &cur)) {
-		const struct netmon_event *e = hit(s, &cur, &p, f);
-		size_t klen;
-		uint64_t h, j;
-
-		if (!e || (by == NM_BY_ERROR && !nm_failed(e)))
-			continue;
-		count++;
-		if ((used + 1) * 2 > cap && (err = grow(&g, &cap)))
-			goto out;
-		klen = group_key(f, by, e, key);
-		h = key_hash(key, klen);
-		for (j = h & (cap - 1); g[j].hash; j = (j + 1) & (cap - 1)) {
-			if (g[j].hash == h && group_key(f, by, &s->ring[g[j].slot], other) == klen &&
-			    memcmp(key, other, klen) == 0)
-				break;
-		}
-		if (!g[j].hash) { /* newest first: the first record seen is the newest */
-			g[j] = (struct group){h, 0, 0, cur.slot, e->ts_ns};
-			used++;
-		}
-		g[j].count++;
-		g[j].failed += nm_failed(e);
+	if (roll_table_for(s, f) != NM_RK_TOTAL) /* the rollups group every connect attempt */
+		k = -1;
+	for (int tries = 0;; tries++) {
+		reader_lock(s);
+		sc = scan_of(s, f, 1);
+		err = k >= 0 ? roll_run(s, &sc, k, visit_top, bucket_top, &c)
+			     : scan_run(s, &sc, visit_top, &c);
+		nm_store_unlock(s);
+		if (err != -EAGAIN)
+			break;
+		gtab_free(&c.t); /* the newest bucket's table moved: again, and scan after 3 */
+		c = (struct top_ctx){{0}, by, 0, f};
+		if (tries == 2)
+			k = -1;
 	}
-	for (uint64_t k = 0, m = 0; k < cap; k++) /* compact, then rank */
-		if (g[k].hash)
-			g[m++] = g[k];
-	if (used)
-		qsort(g, used, sizeof(*g), by_count_desc);
-	take = limit && limit < used ? limit : used;
-	res = malloc((take ? take : 1) * sizeof(*res));
-	if (!res) {
-		err = -ENOMEM;
-		goto out;
-	}
-	for (uint64_t k = 0; k < take; k++) /* copied while the ring still holds them */
-		res[k] = (struct nm_top){g[k].count, g[k].failed, s->ring[g[k].slot]};
-out:
-	pthread_mutex_unlock(&s->lock);
-	free(g);
-	if (err)
-		return err;
-	*out = res;
-	*n = take;
-	*groups = used;
-	*matched = count;
-	return 0;
+	*matched = c.count;
+	if (!err)
+		err = top_result(s, &c.t, limit, out, n, groups, matched);
+	gtab_free(&c.t);
+	return err;
 }

@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <linux/types.h>
 #include "netmon.h"
+#include "rollup.h"
 
 #define NM_JOIN_SLOTS 65536 /* TCP handshakes in flight the join can track */
 #define NM_ATTEMPT_SLOTS 256 /* distinct (family, protocol, result) the counters keep */
@@ -70,6 +71,8 @@ struct nm_key {
 
 struct nm_store {
 	pthread_mutex_t lock;
+	unsigned writers_waiting, readers_waiting; /* blocked on lock: see nm_store_lock */
+	uint64_t batch;     /* records pushed by nm_store_push_batch */
 	struct netmon_event *ring;
 	struct nm_key *keys;
 	uint64_t capacity;
@@ -83,9 +86,13 @@ struct nm_store {
 	struct netmon_event *early;       /* sock_id -> outcome that came before its connect */
 	struct nm_attempt attempts[NM_ATTEMPT_SLOTS];
 	uint64_t attempts_other;          /* attempts whose key found no free slot */
+	struct nm_rollup roll;            /* per-second counts: see rollup.h */
+	int use_rollups;                  /* 0: every query scans (tests compare both) */
 };
 
-/* what a query keeps; a zero field in `mask` means "any" */
+/* what a query keeps; a zero field in `mask` means "any". A new filter must set a bit of
+ * its own in `mask`: queries whose mask asks for no more than kind connect and a pid or a
+ * command are answered from the rollups, which know nothing of other fields. */
 enum {
 	NM_Q_PID = 1 << 0,
 	NM_Q_COMM = 1 << 1,
@@ -160,14 +167,26 @@ struct nm_top {
 
 int nm_store_init(struct nm_store *s, uint64_t capacity);
 void nm_store_free(struct nm_store *s);
-/* the ring-buffer callback's whole job; also the test entry point */
+/* the lock for writers, announced when contended so that scans let them in between
+ * their chunks: capture never waits for more than one chunk of a query */
+void nm_store_lock(struct nm_store *s);
+void nm_store_unlock(struct nm_store *s);
+/* a writer holding the lock over a batch calls this every so often: a waiting query
+ * gets one chunk in */
+void nm_store_writer_pause(struct nm_store *s);
+/* one record, taking the lock; the test entry point */
 int nm_store_push(struct nm_store *s, const void *data, size_t size);
+/* the ring-buffer callback's whole job: one record, the caller holding nm_store_lock */
+int nm_store_push_held(struct nm_store *s, const void *data, size_t size);
+/* the same, letting a waiting query in every so often (a batch under one lock) */
+int nm_store_push_batch(struct nm_store *s, const void *data, size_t size);
 /* a consistent snapshot of the store's counters */
 struct nm_counters {
 	uint64_t head;      /* sequence number of the newest record; 0 = none yet */
 	uint64_t size;      /* records held */
 	uint64_t evicted, malformed, unmatched, in_flight, accepts; /* as in struct nm_store */
 	uint64_t oldest_ts; /* ts_ns of the oldest record held; 0 if none */
+	uint64_t roll_buckets, roll_bytes, roll_given_up; /* as in struct nm_rollup */
 };
 
 struct nm_counters nm_store_counters(struct nm_store *s);
