@@ -43,13 +43,33 @@ def int_in(param: str, value, lo: int, hi: int, message: Optional[str] = None) -
     return value
 
 
+# RFC 3339's date-time, parsed the same on every Python (fromisoformat accepts more from
+# 3.11 on: week dates, no seconds, basic format), so an answer never depends on the version
+_RFC3339 = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?"
+                      r"(?:([Zz])|([+-])(\d\d):(\d\d))?")
+
+
 def parse_time(param: str, text: str) -> _dt.datetime | _dt.timedelta:
-    """'300s' / '5m' / '2h' (that long ago) or an RFC 3339 timestamp with a zone."""
+    """'300s' / '5m' / '2h' (that long ago) or an RFC 3339 timestamp with a zone
+    (fractions beyond microseconds are cut)."""
     m = re.fullmatch(r"(\d{1,9})([smh])", text)
     if m:
         return _dt.timedelta(seconds=int(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)])
+    m = _RFC3339.fullmatch(text)
     try:
-        t = _dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        if not m:
+            raise ValueError(text)
+        y, mo, d, h, mi, sec = (int(g) for g in m.group(1, 2, 3, 4, 5, 6))
+        micro = int((m.group(7) or "0")[:6].ljust(6, "0"))
+        zone = None
+        if m.group(8):
+            zone = _dt.timezone.utc
+        elif m.group(9):
+            if int(m.group(11)) > 59:
+                raise ValueError(text)
+            offset = _dt.timedelta(hours=int(m.group(10)), minutes=int(m.group(11)))
+            zone = _dt.timezone(-offset if m.group(9) == "-" else offset)
+        t = _dt.datetime(y, mo, d, h, mi, sec, micro, tzinfo=zone)
     except ValueError:
         raise FilterError(param, "must be RFC 3339 (2026-11-27T14:30:00Z) or an age like "
                                  "300s") from None

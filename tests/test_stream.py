@@ -186,6 +186,7 @@ def test_keepalive_when_idle(served, monkeypatch):
     ("?pid=x", {}, "pid"), ("?bogus=1", {}, "unknown query parameter bogus"),
     ("?limit=5", {}, "unknown query parameter limit"),
     ("", {"Last-Event-ID": "abc"}, "Last-Event-ID"),
+    ("", {"Last-Event-ID": "\x83"}, "Last-Event-ID"),  # not UTF-8: once a 500
 ])
 def test_bad_parameters_are_400_before_streaming(served, query, headers, param):
     _, port, _ = served

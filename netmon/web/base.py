@@ -13,7 +13,7 @@ import bottle
 from ..filters import FilterError
 from ..monitor import Monitor
 from ..names import visible
-from .limits import error_body
+from .limits import error_body, status_line
 from .params import bad_request
 
 log = logging.getLogger("netmon.api")  # the name netmon's log lines have always carried
@@ -64,6 +64,12 @@ class App(bottle.Bottle):
     def api_routes(self) -> list:
         """The API's routes: all but the page's files (registered with page=True)."""
         return [r for r in self.routes if not r.config.get("page")]
+
+    def wsgi(self, environ, start_response):
+        """Bottle's WSGI entry, with netmon's fixed reason phrase on every status line."""
+        def start(status, headers, exc_info=None):
+            return start_response(status_line(int(status[:3])), headers, exc_info)
+        return super().wsgi(environ, start)
 
     def default_error_handler(self, res: bottle.HTTPError) -> str:
         message = res.body

@@ -84,7 +84,9 @@ def routes(app: App) -> None:
     def stream():
         """Server-Sent Events: matching events as they happen; resumes from Last-Event-ID."""
         params = request_params(STREAM_PARAMS)
-        last_id = bottle.request.get_header("Last-Event-ID")
+        # the raw (latin-1) value: Bottle's get_header decodes it as UTF-8 and raises on
+        # bytes that are not
+        last_id = bottle.request.environ.get("HTTP_LAST_EVENT_ID")
         if last_id is not None:  # a reconnecting EventSource: it wins over after=
             if not re.fullmatch(r"[0-9]{1,18}", last_id.strip()):
                 raise FilterError("Last-Event-ID", "must be the id of an event (a seq number)")

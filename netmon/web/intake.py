@@ -33,7 +33,7 @@ from cheroot import errors as cheroot_errors
 from cheroot import server as cheroot_server
 from cheroot.makefile import MakeFile
 
-from .limits import MAX_BODY_BYTES, error_body
+from .limits import MAX_BODY_BYTES, error_body, reason
 
 HEAD_TIMEOUT = 5.0  # seconds from a request's first byte (or the accept) to its last
 MAX_CONNECTIONS = 512  # open connections in all; past it new ones get a 503 and are closed
@@ -158,7 +158,7 @@ class Request(cheroot_server.HTTPRequest):
         code = refusal.status if refusal is not None else int(str(status)[:3])
         self.close_connection = True  # whatever follows was not read: never parse it
         try:
-            self.conn.wfile.write(response(code, msg or bottle.HTTP_CODES.get(code, "")))
+            self.conn.wfile.write(response(code, msg or reason(code)))
         except OSError as e:
             if e.args[0] not in cheroot_errors.socket_errors_to_ignore:
                 raise
@@ -182,7 +182,7 @@ class Request(cheroot_server.HTTPRequest):
 def response(code: int, message: str, extra: str = "") -> bytes:
     """A complete error answer that closes the connection, as bytes."""
     body = error_body(code, message).encode()
-    return (f"HTTP/1.1 {code} {bottle.HTTP_CODES.get(code, 'Error')}\r\n"
+    return (f"HTTP/1.1 {code} {reason(code)}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}"
             "Connection: close\r\n\r\n").encode("latin-1") + body
 
