@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Mapping, Optional, Tuple
 
 from .. import systemd
@@ -206,12 +207,16 @@ class _SignalActions:
 def _serve_until_stopped(monitor: Monitor, signals: ShutdownSignals,
                          on_signal: _SignalActions) -> int:
     """Until SIGTERM/SIGINT (exit 0), or until the poll thread dies (exit 1): serving
-    data that silently stopped updating would be worse than stopping."""
+    data that silently stopped updating would be worse than stopping. Under a systemd
+    watchdog, WATCHDOG=1 goes out only while the poll loop is healthy (attached, polling,
+    draining the ring), so a stalled capture gets the service restarted."""
     fault = os.environ.get(FAULT_ENV)
     if fault:  # tests only: make the poll thread fail after this many seconds
         threading.Timer(float(fault), monitor._inject_poll_failure).start()
+    ping = systemd.watchdog_interval()
+    next_ping = 0.0
     while True:
-        sig = signals.wait(timeout=1.0)
+        sig = signals.wait(timeout=1.0 if ping is None else min(1.0, ping))
         if sig in SERVICE_SIGNALS:
             on_signal(sig)
         elif sig is not None:
@@ -220,3 +225,10 @@ def _serve_until_stopped(monitor: Monitor, signals: ShutdownSignals,
         if not monitor.polling:
             log.error("capture stopped: %s; exiting", monitor.health()[1])
             return EXIT_RUNTIME
+        if ping is not None and time.monotonic() >= next_ping:
+            healthy, why = monitor.health()
+            if healthy:
+                systemd.notify("WATCHDOG=1")
+                next_ping = time.monotonic() + ping
+            else:
+                log.warning("not pinging the systemd watchdog: %s", why)
