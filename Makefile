@@ -5,9 +5,10 @@ PY       := $(VENV)/bin/python
 ADDR     ?= 127.0.0.1:8080
 # system packages the build and the tests need (Debian/Ubuntu names; chromium and its
 # driver for the live page's browser tests, curl and strace for the backends' kernel test,
-# dnsutils' dig and iproute2 for the DNS tests, systemd for systemd-analyze on the unit)
+# dnsutils' dig and iproute2 for the DNS tests, systemd for systemd-analyze on the unit,
+# prometheus for promtool and a real scrape)
 APT_PKGS := clang llvm libbpf-dev libelf-dev zlib1g-dev bpftool pkg-config make gcc python3-venv python3-dev \
-            chromium chromium-driver curl strace dnsutils iproute2 systemd
+            chromium chromium-driver curl strace dnsutils iproute2 systemd prometheus
 # kernel tests must run, not skip; NETMON_REQUIRE_BPF= make test runs without root
 export NETMON_REQUIRE_BPF ?= 1
 

@@ -98,6 +98,15 @@ cdef extern from "store.h" nogil:
         uint64_t roll_bytes
         uint64_t roll_given_up
     nm_counters nm_store_counters(nm_store *s)
+    enum:
+        NM_LAT_BUCKETS
+    struct nm_handshakes:
+        uint32_t bounds_us[NM_LAT_BUCKETS]
+        uint64_t established[NM_LAT_BUCKETS]
+        uint64_t failed[NM_LAT_BUCKETS]
+        uint64_t established_us
+        uint64_t failed_us
+    nm_handshakes nm_store_handshakes(nm_store *s)
     int nm_store_query(nm_store *s, const nm_filter *f, uint64_t limit, int newest,
                        nm_hit **out, uint64_t *n, uint64_t *matched)
     int nm_store_follow(nm_store *s, const nm_filter *f, uint64_t limit, uint64_t hold_ns,
@@ -370,6 +379,19 @@ cdef class Store:
         with nogil:
             n = nm_store_attempts(&self.s, a, &other)
         return {(a[i].family, a[i].protocol, a[i].ret): a[i].count for i in range(n)}, other
+
+    def handshakes(self):
+        """The TCP handshake latency histogram, counted in C as outcomes arrive:
+        {"bounds_us": the 16 finite upper bounds, "established"/"failed": 17 counts per
+        bucket (not cumulative; the last is +Inf), "established_us"/"failed_us": sums}."""
+        cdef nm_handshakes h
+        cdef int i
+        with nogil:
+            h = nm_store_handshakes(&self.s)
+        return {"bounds_us": [h.bounds_us[i] for i in range(NM_LAT_BUCKETS - 1)],
+                "established": [h.established[i] for i in range(NM_LAT_BUCKETS)],
+                "failed": [h.failed[i] for i in range(NM_LAT_BUCKETS)],
+                "established_us": h.established_us, "failed_us": h.failed_us}
 
     cdef int _filter(self, nm_filter *f, dict q) except -1:
         """q: pid, comm, kind, family, protocol, port, result ("ok", "error", "pending",

@@ -143,6 +143,39 @@ static inline uint64_t join_slot(uint64_t sock_id)
 	return mix(sock_id >> 4) & (NM_JOIN_SLOTS - 1);
 }
 
+/* the handshake histogram's bounds, µs: 50 µs (loopback) to 5 s (SYN retries) */
+static const uint32_t lat_bounds_us[NM_LAT_BUCKETS] = {
+	50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 500000,
+	1000000, 2500000, 5000000, UINT32_MAX};
+
+/* caller holds the lock; a few compares, no allocation */
+static void count_handshake(struct nm_store *s, const struct netmon_event *o)
+{
+	int i = 0, failed;
+
+	if (o->outcome != NETMON_OUTCOME_ESTABLISHED && o->outcome != NETMON_OUTCOME_FAILED)
+		return;
+	failed = o->outcome == NETMON_OUTCOME_FAILED;
+	while (o->latency_us > lat_bounds_us[i])
+		i++;
+	s->handshakes[failed][i]++;
+	s->handshake_us[failed] += o->latency_us;
+}
+
+struct nm_handshakes nm_store_handshakes(struct nm_store *s)
+{
+	struct nm_handshakes h;
+
+	memcpy(h.bounds_us, lat_bounds_us, sizeof(h.bounds_us));
+	pthread_mutex_lock(&s->lock);
+	memcpy(h.established, s->handshakes[0], sizeof(h.established));
+	memcpy(h.failed, s->handshakes[1], sizeof(h.failed));
+	h.established_us = s->handshake_us[0];
+	h.failed_us = s->handshake_us[1];
+	pthread_mutex_unlock(&s->lock);
+	return h;
+}
+
 #define NM_ATTEMPT_PROBES 16
 
 /* caller holds the lock; a bounded probe, so a flood of odd families costs no more */
@@ -316,6 +349,7 @@ int nm_store_push_held(struct nm_store *s, const void *data, size_t size)
 	if (size != sizeof(struct netmon_event)) {
 		s->malformed++;
 	} else if (in->kind == NETMON_KIND_TCP_OUTCOME) {
+		count_handshake(s, in);
 		if (in->sock_id)
 			push_outcome(s, in);
 		else

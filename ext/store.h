@@ -15,6 +15,7 @@
 
 #define NM_JOIN_SLOTS 65536 /* TCP handshakes in flight the join can track */
 #define NM_ATTEMPT_SLOTS 256 /* distinct (family, protocol, result) the counters keep */
+#define NM_LAT_BUCKETS 17    /* TCP handshake latency histogram: 16 bounds and +Inf */
 /* result keys of the attempt counters besides 0 (ok) and -errno (failed with it) */
 #define NM_RET_UNKNOWN 1 /* the backend cannot tell what happened */
 #define NM_RET_PENDING 2 /* its handshake's outcome can no longer be joined to it */
@@ -88,6 +89,19 @@ struct nm_store {
 	uint64_t attempts_other;          /* attempts whose key found no free slot */
 	struct nm_rollup roll;            /* per-second counts: see rollup.h */
 	int use_rollups;                  /* 0: every query scans (tests compare both) */
+	/* TCP handshakes the kernel timed, counted as each outcome record arrives (joined
+	 * to its connect or not): [0] established, [1] failed; per latency bucket (not
+	 * cumulative) and the sum of latencies. Monotonic, for metrics. */
+	uint64_t handshakes[2][NM_LAT_BUCKETS];
+	uint64_t handshake_us[2];
+};
+
+/* a snapshot of the handshake histogram; bounds_us[i] is bucket i's upper bound
+ * (inclusive), UINT32_MAX for the last (+Inf) */
+struct nm_handshakes {
+	uint32_t bounds_us[NM_LAT_BUCKETS];
+	uint64_t established[NM_LAT_BUCKETS], failed[NM_LAT_BUCKETS];
+	uint64_t established_us, failed_us;
 };
 
 /* what a query keeps; a zero field in `mask` means "any". A new filter must set a bit of
@@ -190,6 +204,7 @@ struct nm_counters {
 };
 
 struct nm_counters nm_store_counters(struct nm_store *s);
+struct nm_handshakes nm_store_handshakes(struct nm_store *s);
 /* Copies the attempt counters in use to out (NM_ATTEMPT_SLOTS entries); returns how many;
  * *other = attempts counted in no slot. */
 uint64_t nm_store_attempts(struct nm_store *s, struct nm_attempt *out, uint64_t *other);

@@ -393,6 +393,13 @@ class Monitor:
             out[key] = out.get(key, 0) + n
         return out
 
+    def handshakes(self) -> dict:
+        """The TCP handshake latency histogram the store keeps in C (monotonic, every
+        handshake the kernel timed, evicted events included): "bounds_us" (16 finite
+        upper bounds), "established" / "failed" (17 counts per bucket, not cumulative, the
+        last +Inf) and "established_us" / "failed_us" (sums of latencies)."""
+        return self._store.handshakes()
+
     def count(self, where: Optional[Filter] = None, **filters) -> int:
         self._sync()
         return self._store.count(**self._store_args(where, filters)[0])

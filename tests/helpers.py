@@ -14,6 +14,8 @@ import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
+from prometheus_client.parser import text_string_to_metric_families
+
 CONNECTOR = Path(__file__).with_name("connector.py")
 
 
@@ -166,3 +168,27 @@ def prog_ids_held_by(pid):
         if m:
             ids.add(int(m.group(1)))
     return ids
+
+
+# ---- /metrics ----
+
+def scrape_app(app) -> str:
+    started = {}
+
+    def start_response(status, headers, exc_info=None):
+        started.update(status=status, headers=dict(headers))
+
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", "QUERY_STRING": "",
+               "SERVER_NAME": "test", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+               "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(), "wsgi.errors":
+               io.StringIO()}
+    body = b"".join(app(environ, start_response)).decode()
+    assert started["status"].startswith("200")
+    assert started["headers"]["Content-Type"].startswith("text/plain; version=0.0.4")
+    return body
+
+
+def samples(text: str) -> dict:
+    """{(sample name, frozenset of labels): value} via prometheus_client's parser."""
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}

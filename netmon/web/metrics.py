@@ -1,17 +1,32 @@
-"""GET /metrics: Prometheus text format from a private registry whose one collector reads
-the monitor's counters at scrape time. Nothing here runs per event. Labels are bounded:
-no pid, address, port or command."""
+"""GET /metrics: Prometheus text format from a private registry whose collectors read the
+monitor's counters at scrape time, plus prometheus_client's process and platform
+collectors (netmon's own CPU, memory, fds; the Python it runs on). Nothing here runs per
+event: the TCP handshake histogram is kept in C by the store as outcomes arrive and only
+read here. Labels are bounded: no pid, address, port or command."""
 from __future__ import annotations
 
 from typing import Callable, Iterator
 
 import bottle
-from prometheus_client import CollectorRegistry, exposition, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client import (
+    CollectorRegistry,
+    PlatformCollector,
+    ProcessCollector,
+    exposition,
+    generate_latest,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 
 from .. import __version__, _core
 from ..monitor import Monitor
 from .base import App
+from .stats import bpf_stats_enabled
 
 # the classic text format (0.0.4) that generate_latest writes and every scraper reads
 CONTENT_TYPE = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST)
@@ -77,6 +92,53 @@ class _Collector:
         if "auth_failures" in http:
             yield CounterMetricFamily("netmon_http_auth_failures", "requests refused for a "
                                       "missing or wrong token", value=http["auth_failures"])
+        if "host_rejected" in http:
+            yield CounterMetricFamily("netmon_http_host_rejected", "requests refused for a "
+                                      "Host that is not a loopback name (DNS rebinding)",
+                                      value=http["host_rejected"])
+
+
+class _KernelCollector:
+    """The programs' own cost in the kernel (ebpf_exporter's metrics, netmon_-prefixed and
+    labelled by program name) and the TCP handshake latency histogram."""
+
+    def __init__(self, monitor: Monitor):
+        self._monitor = monitor
+
+    def collect(self) -> Iterator[Metric]:
+        counted = bpf_stats_enabled()
+        yield GaugeMetricFamily("netmon_bpf_stats_enabled", "1 while sysctl "
+                                "kernel.bpf_stats_enabled makes the kernel count program "
+                                "runs (the run metrics are absent otherwise)",
+                                value=int(counted))
+        programs = self._monitor.program_stats()
+        info = InfoMetricFamily("netmon_ebpf_program", "the BPF programs attached, by name "
+                                "and kernel id", labels=("program", "id"))
+        run_time = CounterMetricFamily("netmon_ebpf_program_run_time_seconds", "time the "
+                                       "program has spent running in the kernel",
+                                       labels=("program",))
+        run_count = CounterMetricFamily("netmon_ebpf_program_run_count", "times the "
+                                        "program has run", labels=("program",))
+        for name, p in sorted(programs.items()):
+            info.add_metric((name, str(p["id"])), {})
+            run_time.add_metric((name,), p["run_time_ns"] / 1e9)
+            run_count.add_metric((name,), p["run_cnt"])
+        yield info
+        if counted:
+            yield run_time
+            yield run_count
+        h = self._monitor.handshakes()
+        hist = HistogramMetricFamily("netmon_tcp_handshake_seconds", "TCP handshakes from "
+                                     "SYN sent to established or failed, timed in the kernel",
+                                     labels=("outcome",))
+        bounds = [f"{b / 1e6:g}" for b in h["bounds_us"]] + ["+Inf"]
+        for outcome in ("established", "failed"):
+            total, buckets = 0, []
+            for le, n in zip(bounds, h[outcome]):
+                total += n
+                buckets.append((le, total))
+            hist.add_metric((outcome,), buckets, h[f"{outcome}_us"] / 1e6)
+        yield hist
 
 
 def _dns_metrics(dns: dict) -> Iterator[Metric]:
@@ -101,6 +163,9 @@ def registry(monitor: Monitor, server_stats: Callable[[], dict]) -> CollectorReg
     """A registry of its own (not prometheus_client's global one): apps never share."""
     reg = CollectorRegistry(auto_describe=False)
     reg.register(_Collector(monitor, server_stats))
+    reg.register(_KernelCollector(monitor))
+    ProcessCollector(registry=reg)
+    PlatformCollector(registry=reg)
     return reg
 
 

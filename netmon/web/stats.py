@@ -8,7 +8,7 @@ from .base import App
 BPF_STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
 
 
-def _bpf_stats_enabled() -> bool:
+def bpf_stats_enabled() -> bool:
     """The kernel counts program runs only while sysctl kernel.bpf_stats_enabled is on."""
     try:
         with open(BPF_STATS_SYSCTL) as f:
@@ -24,7 +24,7 @@ def routes(app: App) -> None:
     def stats():
         """What was captured, delivered, dropped and evicted; the store, programs, uptime."""
         body = monitor.stats()
-        counted = _bpf_stats_enabled()
+        counted = bpf_stats_enabled()
         if body["oldest_timestamp"] is not None:
             body["oldest_timestamp"] = rfc3339(body["oldest_timestamp"])
         body["bpf_stats_enabled"] = counted
