@@ -209,3 +209,38 @@ def test_prometheus_scrapes_connects_and_the_handshake_histogram(tmp_path):
         prom.wait(timeout=10)
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# ---- --log-format json ----
+
+def test_json_log_lines():
+    import logging
+
+    from netmon import logfmt
+    rec = logging.LogRecord("netmon.api", logging.WARNING, __file__, 1, "a %s", ("b",), None)
+    rec.created = 1_800_000_000.25
+    assert json.loads(logfmt.JSONFormatter().format(rec)) == {
+        "time": "2027-01-15T08:00:00.250000Z", "level": "warning", "logger": "netmon.api",
+        "msg": "a b"}
+    assert logfmt.line("text", "x") == "x"
+
+
+@pytest.mark.bpf
+def test_log_format_json_every_line_is_an_object():
+    proc, addr, first = start("--log-format", "json", "--debug", "--capacity", "4096")
+    try:
+        assert json.loads(first)["msg"].startswith("netmon ")
+        assert http(f"http://{addr}/api/stats")[0] == 200
+        with socket.socket() as s:
+            s.connect_ex(("127.0.0.1", free_port()))
+        time.sleep(0.3)
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+    lines = proc.stdout.read().splitlines() + proc.stderr.read().splitlines()
+    objs = [json.loads(line) for line in lines]
+    assert objs and all(set(o) == {"time", "level", "logger", "msg"} for o in objs)
+    msgs = [o["msg"] for o in objs]
+    assert any(m.startswith("GET /api/stats") for m in msgs)
+    assert any(m.startswith("event ") for m in msgs)  # --debug's events
+    assert any("SIGTERM received" in m for m in msgs)

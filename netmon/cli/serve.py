@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Mapping, Optional, Tuple
 
-from .. import systemd
+from .. import logfmt, systemd
 from .._version import __version__
 from ..monitor import Monitor, MonitorError
 from ..web import make_app
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             raise Failure(str(e)) from None
         _start_capture(monitor, server)
         try:
-            _go_live(server, monitor, level)
+            _go_live(server, monitor, level, args.log_format)
             return _serve_until_stopped(monitor, signals, _SignalActions(args, monitor, guard))
         finally:
             systemd.notify("STOPPING=1")
@@ -90,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _configure_logging(args: argparse.Namespace) -> str:
     level = "debug" if args.debug else args.log_level
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logfmt.formatter(args.log_format))
+    logging.basicConfig(handlers=[handler])
     log.setLevel(level.upper())
     return level
 
@@ -149,15 +151,15 @@ def _start_capture(monitor: Monitor, server: Server) -> None:
         raise Failure(cause) from None
 
 
-def _go_live(server: Server, monitor: Monitor, level: str) -> None:
+def _go_live(server: Server, monitor: Monitor, level: str, log_format: str) -> None:
     """Serve, say so (stdout, the log, systemd)."""
     server.start()
     if level == "debug":
         threading.Thread(target=_log_events, args=(monitor,), name="netmon-debug",
                          daemon=True).start()
-    print(f"netmon {__version__} listening on {server.url}; {monitor.backend} backend, "
-          f"attached {', '.join(monitor.programs)}; storing up to "
-          f"{monitor.capacity} events", flush=True)
+    print(logfmt.line(log_format, f"netmon {__version__} listening on {server.url}; "
+                      f"{monitor.backend} backend, attached {', '.join(monitor.programs)}; "
+                      f"storing up to {monitor.capacity} events"), flush=True)
     for missing in monitor.missing_hooks:
         log.warning("not available on this kernel: %s", missing)
     systemd.notify("READY=1")

@@ -9,8 +9,9 @@ import re
 import sys
 from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-from .. import _core
+from .. import _core, logfmt
 from .._version import __version__
+from ..logfmt import LOG_FORMATS
 from ..monitor import (
     BACKENDS,
     DEFAULT_CAPACITY,
@@ -74,6 +75,9 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str], prog: str,
     try:
         return args.run(args)
     except Failure as e:
+        if getattr(args, "log_format", "text") == "json":  # a log collector parses stderr
+            print(logfmt.line("json", f"{prog}: error: {e}", "error"), file=sys.stderr)
+            return e.code
         return fail(prog, str(e), e.code)
 
 
@@ -122,6 +126,7 @@ def _one_of(choices: Sequence[str]) -> Callable[[str], str]:
 
 backend = _one_of(BACKENDS)
 level = _one_of(LOG_LEVELS)
+log_format = _one_of(LOG_FORMATS)
 
 
 # ---- the settings table ----
@@ -171,6 +176,9 @@ SETTINGS = (
             "(env NETMON_CGROUP)", "PATH"),
     Setting(("--log-level",), "NETMON_LOG_LEVEL", "info", level,
             f"one of {', '.join(LOG_LEVELS)} (default info; env NETMON_LOG_LEVEL)", "LEVEL"),
+    Setting(("--log-format",), "NETMON_LOG_FORMAT", "text", log_format,
+            "text, or json: one JSON object a line (time, level, logger, msg), the "
+            "startup line included (default text; env NETMON_LOG_FORMAT)", "FORMAT"),
     Setting(("--debug",), "NETMON_DEBUG", False, boolean,
             "log every captured event and every API request (env NETMON_DEBUG=1)"),
     Setting(("--auth-token-file",), "NETMON_AUTH_TOKEN_FILE", None, str,
