@@ -4,6 +4,7 @@ arrive) and the HTTP refusals; a real Prometheus server scrapes a real netmon an
 for a connect counter and the histogram through its query API."""
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -14,6 +15,7 @@ import pytest
 from helpers import free_port, http, samples, scrape_app, start
 from netmon._core import NETMON_KIND_TCP_OUTCOME, NETMON_OUTCOME_ESTABLISHED, NETMON_OUTCOME_FAILED
 
+import netmon
 from netmon.testing import record, synthetic_monitor
 from netmon.web import make_app
 from netmon.web.guard import Guard
@@ -26,10 +28,14 @@ def outcome(latency_us, failed=False, sock_id=7):
 
 
 class WithPrograms:
-    """A synthetic monitor that reports two attached programs, as a real probe would."""
+    """A synthetic monitor that reports two attached programs and a poll lag, as a
+    running one would."""
 
     def __init__(self, mon):
         self._mon = mon
+
+    def stats(self):
+        return {**self._mon.stats(), "poll_lag_seconds": 0.01}
 
     def program_stats(self):
         return {"netmon_connect_enter": {"id": 31, "run_cnt": 10, "run_time_ns": 2500},
@@ -125,6 +131,22 @@ def test_promtool_accepts_the_metrics(bpf_stats_on):
         "auth_failures": 0, "host_rejected": 0}))
     assert promtool_check(text) == (0, "")
     assert promtool_check(text + "# TYPE bad_counter counter\nbad_counter 1\n")[0] != 0
+
+
+def test_failing_destinations_are_the_worst_ten_of_the_window():
+    mon = synthetic_monitor()
+    for i in range(12):  # 12 failing destinations, i + 1 failures each
+        for _ in range(i + 1):
+            mon.inject(record(ip=f"10.0.0.{i}", port=443, ret=-111,
+                              outcome=NETMON_OUTCOME_FAILED))
+    mon.inject(record(ip="10.9.9.9", port=443, ret=-111, outcome=NETMON_OUTCOME_FAILED,
+                      age=400))  # outside the 5 minutes
+    for _ in range(50):
+        mon.inject(record(ip="10.1.1.1", port=80))  # busy, never failing
+    s = samples(scrape_app(make_app(mon)))
+    got = {dict(k)["destination"]: v for (n, k), v in s.items()
+           if n == "netmon_failing_destination_connects"}
+    assert got == {f"10.0.0.{i}:443": i + 1 for i in range(2, 12)}
 
 
 # ---- a real Prometheus scraping a real netmon (root) ----
@@ -244,3 +266,44 @@ def test_log_format_json_every_line_is_an_object():
     assert any(m.startswith("GET /api/stats") for m in msgs)
     assert any(m.startswith("event ") for m in msgs)  # --debug's events
     assert any("SIGTERM received" in m for m in msgs)
+
+
+# ---- the Grafana dashboard ----
+
+DASHBOARD = os.path.join(os.path.dirname(netmon.__file__), "data", "grafana-dashboard.json")
+
+
+def dashboard_exprs():
+    dash = json.load(open(DASHBOARD))
+    return [(p["title"], t["expr"]) for p in dash["panels"] for t in p["targets"]]
+
+
+def test_dashboard_uses_only_metrics_netmon_exports(bpf_stats_on):
+    mon = synthetic_monitor()
+    mon.inject(record(ret=-111, outcome=NETMON_OUTCOME_FAILED))  # a failing destination
+    mon.inject(outcome(70))
+    text = scrape_app(make_app(WithPrograms(mon), server_stats=lambda: {
+        "auth_failures": 0, "host_rejected": 0}))
+    exported = {name for name, _ in samples(text)}
+    exprs = dashboard_exprs()
+    titles = {t for t, _ in exprs}
+    for wanted in ("Connects/s by result", "Top failing destinations (last 5 min)",
+                   "Events lost: kernel drops and store evictions /s", "Poll lag",
+                   "netmon CPU", "netmon RSS"):
+        assert wanted in titles
+    for title, expr in exprs:
+        used = set(re.findall(r"\b((?:netmon|process|python)_[a-zA-Z0-9_]+)", expr))
+        assert used, (title, expr)
+        assert used <= exported, (title, used - exported)
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path):
+    # promtool parses PromQL in rule files: each query as a recording rule
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:q{i}", "expr": expr.replace("$__rate_interval", "5m")
+         .replace("$job", ".*").replace("$instance", ".*")}
+        for i, (_, expr) in enumerate(dashboard_exprs())]}]}
+    path = tmp_path / "rules.yml"
+    path.write_text(json.dumps(rules))  # JSON is YAML
+    r = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -5,6 +5,7 @@ event: the TCP handshake histogram is kept in C by the store as outcomes arrive 
 read here. Labels are bounded: no pid, address, port or command."""
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Callable, Iterator
 
 import bottle
@@ -98,6 +99,32 @@ class _Collector:
                                       value=http["host_rejected"])
 
 
+FAILING_TOP, FAILING_WINDOW, FAILING_AMONG = 10, 300, 1000
+
+
+class _FailingDestinations:
+    """The destinations with the most failed connects (refused, timed out, reset, ...)
+    over the last FAILING_WINDOW seconds, from the store's top-N in C at scrape time: at
+    most FAILING_TOP series, so the label stays bounded on any one scrape."""
+
+    def __init__(self, monitor: Monitor):
+        self._monitor = monitor
+
+    def collect(self) -> Iterator[Metric]:
+        g = GaugeMetricFamily(
+            "netmon_failing_destination_connects",
+            f"failed connect attempts over the last {FAILING_WINDOW} s to each of the "
+            f"{FAILING_TOP} destinations with the most (among the {FAILING_AMONG} busiest)",
+            labels=("destination",))
+        rows, _, _ = self._monitor.top("destination", FAILING_AMONG,
+                                       since=timedelta(seconds=FAILING_WINDOW))
+        failing = sorted(((failed, str(ev.destination)) for ev, _, failed in rows if failed),
+                         key=lambda r: (-r[0], r[1]))
+        for failed, dest in failing[:FAILING_TOP]:
+            g.add_metric((dest,), failed)
+        yield g
+
+
 class _KernelCollector:
     """The programs' own cost in the kernel (ebpf_exporter's metrics, netmon_-prefixed and
     labelled by program name) and the TCP handshake latency histogram."""
@@ -164,6 +191,7 @@ def registry(monitor: Monitor, server_stats: Callable[[], dict]) -> CollectorReg
     reg = CollectorRegistry(auto_describe=False)
     reg.register(_Collector(monitor, server_stats))
     reg.register(_KernelCollector(monitor))
+    reg.register(_FailingDestinations(monitor))
     ProcessCollector(registry=reg)
     PlatformCollector(registry=reg)
     return reg
