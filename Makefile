@@ -115,5 +115,34 @@ test-matrix: deps
 	  .venv-$$v/bin/python -m pip install -q -e '.[test]'; \
 	  echo "== Python $$v"; .venv-$$v/bin/python -m pytest -q; done
 
+# the container image (Containerfile), offline: the base root file system from Debian's
+# packages (mmdebstrap: Python 3.11 and Debian's essential set, no apt), the cp311 wheel's
+# install tree staged beside it, then podman build. IMAGE names it (placeholder registry).
+IMAGE      ?= registry.example.com/netmon/netmon:$(VERSION)
+IMAGE_BASE ?= localhost/netmon-base:bookworm
+IMAGE_DIR  := build/image
+IMAGE_PY   ?= $(or $(wildcard $(PYENV_ROOT)/versions/3.11.*/bin/python3.11),$(PYTHON))
+.PHONY: image image-base
+image-base:
+	@test -f $(IMAGE_DIR)/base.tar || { mkdir -p $(IMAGE_DIR) && \
+	  mmdebstrap --variant=essential --include=python3.11-minimal,libpython3.11-stdlib,zlib1g \
+	    --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
+	    --dpkgopt='path-exclude=/usr/share/locale/*' bookworm $(IMAGE_DIR)/base.tar.tmp && \
+	  mv $(IMAGE_DIR)/base.tar.tmp $(IMAGE_DIR)/base.tar; }
+	podman import --quiet $(IMAGE_DIR)/base.tar $(IMAGE_BASE)
+image: deps image-base
+	$(MAKE) wheel WHEEL_PYTHONS=$(IMAGE_PY)
+	rm -rf $(IMAGE_DIR)/site
+	$(PY) -m pip install -q --target $(IMAGE_DIR)/site wheelhouse/$(DIST_NAME)-*-cp311-*.whl
+	rm -rf $(IMAGE_DIR)/site/bin
+	podman build -q -f Containerfile --build-arg BASE=$(IMAGE_BASE) -t $(IMAGE) $(IMAGE_DIR)
+	@echo "built $(IMAGE)"
+
+# the image run under podman (--version, a real capture privileged and with only the
+# DaemonSet's capabilities): not in `make test`, since building the image takes minutes
+.PHONY: test-image
+test-image: image
+	IMAGE=$(IMAGE) $(PY) -m pytest -q -p no:cacheprovider tests/image_check.py
+
 clean:
 	rm -rf build dist wheelhouse *.egg-info netmon/*.so ext/_core.c .pytest_cache
