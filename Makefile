@@ -122,8 +122,11 @@ IMAGE      ?= registry.example.com/netmon/netmon:$(VERSION)
 IMAGE_BASE ?= localhost/netmon-base:bookworm
 IMAGE_DIR  := build/image
 IMAGE_PY   ?= $(or $(wildcard $(PYENV_ROOT)/versions/3.11.*/bin/python3.11),$(PYTHON))
+IMAGE_APT_PKGS := mmdebstrap podman runc
 .PHONY: image image-base
 image-base:
+	@dpkg-query -W $(IMAGE_APT_PKGS) >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(IMAGE_APT_PKGS); }
 	@test -f $(IMAGE_DIR)/base.tar || { mkdir -p $(IMAGE_DIR) && \
 	  mmdebstrap --variant=essential --include=python3.11-minimal,libpython3.11-stdlib,zlib1g \
 	    --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
