@@ -70,9 +70,10 @@ def run(args: argparse.Namespace) -> int:
     level = _configure_logging(args)
     token, loopback = _check_access(args)
     monitor = _build_monitor(args)
+    exporter = _build_exporter(args, monitor)
     guard = Guard(None, token=token, check_host=loopback,
                   cors_origins=[o.strip() for o in args.cors_origin.split(",") if o.strip()])
-    server = _build_server(args, monitor, guard)
+    server = _build_server(args, monitor, guard, exporter)
     with ShutdownSignals(also=SERVICE_SIGNALS) as signals:
         try:
             server.bind()  # before loading BPF, so a busy port fails fast
@@ -80,11 +81,15 @@ def run(args: argparse.Namespace) -> int:
             raise Failure(str(e)) from None
         _start_capture(monitor, server)
         try:
+            if exporter is not None:
+                exporter.start()
             _go_live(server, monitor, level, args.log_format)
             return _serve_until_stopped(monitor, signals, _SignalActions(args, monitor, guard))
         finally:
             systemd.notify("STOPPING=1")
             server.stop()
+            if exporter is not None:
+                exporter.stop()
             monitor.stop()
 
 
@@ -128,9 +133,22 @@ def _build_monitor(args: argparse.Namespace) -> Monitor:
         raise Failure(f"{e}; lower --capacity") from None
 
 
-def _build_server(args: argparse.Namespace, monitor: Monitor, guard: Guard) -> Server:
+def _build_exporter(args: argparse.Namespace, monitor: Monitor):
+    """The OTLP event exporter when an endpoint is configured, else None."""
+    if not (args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")):
+        return None
+    from .. import otlp  # the otlp extra: imported only when asked for
+    try:
+        return otlp.Exporter(monitor, otlp.config(args.otlp_endpoint, os.environ))
+    except otlp.ConfigError as e:
+        raise Failure(str(e), EXIT_USAGE) from None
+
+
+def _build_server(args: argparse.Namespace, monitor: Monitor, guard: Guard,
+                  exporter=None) -> Server:
     shutdown = threading.Event()  # Server.stop() sets it: open event streams end
-    guard.app = make_app(monitor, server_stats=guard.stats, shutdown=shutdown)
+    guard.app = make_app(monitor, server_stats=guard.stats, shutdown=shutdown,
+                         exporter=exporter)
     host, port = args.addr
     try:
         return Server(guard, host, port, shutdown=shutdown,

@@ -148,6 +148,7 @@ class Setting(NamedTuple):
 
 
 ACCESS = "access and privilege"
+EXPORT = "event export (OpenTelemetry, needs the otlp extra)"
 SETTINGS = (
     Setting(("--addr", "-addr"), "NETMON_ADDR", parse_addr(DEFAULT_ADDR), parse_addr,
             f"where the API listens (default {DEFAULT_ADDR}; env NETMON_ADDR)", "HOST:PORT"),
@@ -200,6 +201,12 @@ SETTINGS = (
     Setting(("--user",), "NETMON_USER", None, str,
             "switch to this user once the programs are attached (every "
             "capability is dropped then anyway; env NETMON_USER)", "NAME", ACCESS),
+    Setting(("--otlp-endpoint",), "OTEL_EXPORTER_OTLP_ENDPOINT", None, str,
+            "send every event as an OpenTelemetry log record to this OTLP/HTTP collector "
+            "(base URL; /v1/logs is appended; env OTEL_EXPORTER_OTLP_ENDPOINT, or "
+            "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT as the full URL). OTEL_EXPORTER_OTLP_HEADERS, "
+            "_TIMEOUT, _COMPRESSION, OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES apply",
+            "URL", EXPORT),
 )
 
 

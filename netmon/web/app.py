@@ -13,11 +13,12 @@ RESOURCES = (index, connections, events, top, stats, metrics, openapi, page)
 
 
 def make_app(monitor: Monitor, server_stats: Optional[Callable[[], dict]] = None,
-             shutdown: Optional[threading.Event] = None) -> App:
+             shutdown: Optional[threading.Event] = None, exporter=None) -> App:
     """A Bottle app answering questions about `monitor`'s events; it never changes them.
     server_stats: the HTTP layer's counters (auth failures, ...) for /api/stats and
-    /metrics. shutdown: set by the server when it stops; open event streams then end."""
-    app = App(monitor, server_stats, shutdown)
+    /metrics. shutdown: set by the server when it stops; open event streams then end.
+    exporter: the OTLP exporter, if one runs: its counters join /api/stats and /metrics."""
+    app = App(monitor, server_stats, shutdown, exporter)
     for resource in RESOURCES:
         resource.routes(app)
     return app

@@ -53,11 +53,12 @@ class App(bottle.Bottle):
     server stops; open event streams then end."""
 
     def __init__(self, monitor: Monitor, server_stats: Optional[Callable[[], dict]] = None,
-                 shutdown: Optional[threading.Event] = None):
+                 shutdown: Optional[threading.Event] = None, exporter=None):
         super().__init__()
         self.monitor = monitor
         self.server_stats = server_stats or dict
         self.shutdown = shutdown if shutdown is not None else threading.Event()
+        self.exporter = exporter  # the OTLP exporter, when one runs
         self.install(_log_faults)
         self.add_hook("after_request", _log_request)
 

@@ -33,6 +33,13 @@ from .stats import bpf_stats_enabled
 CONTENT_TYPE = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST)
 
 
+def _by_reason(name: str, doc: str, counts: dict) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=("reason",))
+    for reason, n in sorted(counts.items()):
+        family.add_metric((reason,), n)
+    return family
+
+
 class _Collector:
     def __init__(self, monitor: Monitor, server_stats: Callable[[], dict]):
         self._monitor, self._server_stats = monitor, server_stats
@@ -56,11 +63,8 @@ class _Collector:
                                   "delivered + dropped", value=stats["captured"])
         yield CounterMetricFamily("netmon_events_delivered", "events that reached the store",
                                   value=stats["delivered"])
-        dropped = CounterMetricFamily("netmon_events_dropped", "events the kernel could not "
-                                      "deliver, by reason", labels=("reason",))
-        for reason, n in sorted(stats["dropped"].items()):
-            dropped.add_metric((reason,), n)
-        yield dropped
+        yield _by_reason("netmon_events_dropped", "events the kernel could not deliver, by "
+                         "reason", stats["dropped"])
         yield CounterMetricFamily("netmon_events_evicted", "events overwritten in the full "
                                   "store", value=stats["evicted"])
         lost = CounterMetricFamily("netmon_outcomes_lost", "TCP handshake outcomes never "
@@ -125,6 +129,25 @@ class _FailingDestinations:
         yield g
 
 
+class _ExportCollector:
+    """The OTLP exporter's counters: what it sent, what it could not, what waits."""
+
+    def __init__(self, exporter):
+        self._exporter = exporter
+
+    def collect(self) -> Iterator[Metric]:
+        st = self._exporter.stats()
+        yield CounterMetricFamily("netmon_otlp_events_sent", "events the OTLP collector "
+                                  "accepted", value=st["sent"])
+        yield _by_reason("netmon_otlp_events_dropped", "events never sent: queue_full (the "
+                         "collector was down too long), evicted (the store overwrote them "
+                         "first), rejected (the collector refused them)", st["dropped"])
+        yield CounterMetricFamily("netmon_otlp_retries", "export attempts that failed and "
+                                  "were retried after a back-off", value=st["retries"])
+        yield GaugeMetricFamily("netmon_otlp_queue_events", "events batched and waiting to "
+                                "be sent", value=st["queued"])
+
+
 class _KernelCollector:
     """The programs' own cost in the kernel (ebpf_exporter's metrics, netmon_-prefixed and
     labelled by program name) and the TCP handshake latency histogram."""
@@ -186,19 +209,22 @@ def _dns_metrics(dns: dict) -> Iterator[Metric]:
                             value=dns["names_cached"])
 
 
-def registry(monitor: Monitor, server_stats: Callable[[], dict]) -> CollectorRegistry:
+def registry(monitor: Monitor, server_stats: Callable[[], dict],
+             exporter=None) -> CollectorRegistry:
     """A registry of its own (not prometheus_client's global one): apps never share."""
     reg = CollectorRegistry(auto_describe=False)
     reg.register(_Collector(monitor, server_stats))
     reg.register(_KernelCollector(monitor))
     reg.register(_FailingDestinations(monitor))
+    if exporter is not None:
+        reg.register(_ExportCollector(exporter))
     ProcessCollector(registry=reg)
     PlatformCollector(registry=reg)
     return reg
 
 
 def routes(app: App) -> None:
-    reg = registry(app.monitor, app.server_stats)
+    reg = registry(app.monitor, app.server_stats, app.exporter)
 
     @app.get("/metrics")
     def prometheus_metrics():

@@ -137,7 +137,12 @@ STATS = _obj(
                       "name, unknown, pending (its outcome could no longer be joined)",
                       "items": _obj(("family", "protocol", "result", "count"), family=STR,
                                     protocol=STR, result=STR, count=INT)},
-    http={"type": "object", "description": "the HTTP layer's counters"})
+    http={"type": "object", "description": "the HTTP layer's counters"},
+    otlp={**_obj(("sent", "retries", "dropped", "queued", "endpoint"), sent=INT, retries=INT,
+                 dropped={"type": "object", "additionalProperties": INT,
+                          "description": "events never sent: queue_full, evicted, rejected"},
+                 queued=INT, endpoint=STR),
+          "description": "present while the OTLP event exporter runs"})
 
 TOP_ENTRY = _obj(("count", "failed", "last_seen"), count=INT, failed=INT, last_seen=TIME,
                  destination=_null(STR), command=_null(STR), pid=_null(INT), port=_null(INT),

@@ -36,4 +36,6 @@ def routes(app: App) -> None:
             {"family": fam, "protocol": proto, "result": result, "count": n}
             for (fam, proto, result), n in sorted(monitor.attempts().items())]
         body["http"] = app.server_stats()
+        if app.exporter is not None:
+            body["otlp"] = app.exporter.stats()
         return body
