@@ -27,7 +27,6 @@ import threading
 import time
 from typing import Optional
 
-import bottle
 from cheroot import connections as cheroot_connections
 from cheroot import errors as cheroot_errors
 from cheroot import server as cheroot_server
