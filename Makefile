@@ -8,7 +8,7 @@ ADDR     ?= 127.0.0.1:8080
 # dnsutils' dig and iproute2 for the DNS tests, systemd for systemd-analyze on the unit,
 # prometheus for promtool and a real scrape)
 APT_PKGS := clang llvm libbpf-dev libelf-dev zlib1g-dev bpftool pkg-config make gcc python3-venv python3-dev \
-            chromium chromium-driver curl strace dnsutils iproute2 systemd prometheus
+            chromium chromium-driver curl strace dnsutils iproute2 systemd prometheus mmdebstrap
 # kernel tests must run, not skip; NETMON_REQUIRE_BPF= make test runs without root
 export NETMON_REQUIRE_BPF ?= 1
 
