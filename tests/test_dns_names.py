@@ -49,7 +49,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def mon():
-    with Monitor(capacity=1 << 16, dns_names=True) as m:
+    with Monitor(capacity=1 << 20, dns_names=True) as m:  # roomy: the host may be busy
         yield m
 
 
