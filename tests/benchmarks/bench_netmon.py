@@ -61,9 +61,15 @@ LOADS = {  # name: (loadgen arguments, label, what netmon should account for eac
     "accept": (["-t", "-n", "20000"], "TCP accept loop, 127.0.0.1: the tcp load counted by "
                "its accept events (20k calls)", "accept"),
 }
-# BENCH_LOADS=tcp,accept: only these loads (default all)
-LOADS = {k: v for k, v in LOADS.items()
-         if k in os.environ.get("BENCH_LOADS", ",".join(LOADS)).split(",")}
+# BENCH_LOADS=tcp,accept: only these loads (default all, and "bare": the bare C baseline)
+_ONLY_LOADS = os.environ.get("BENCH_LOADS", ",".join([*LOADS, "bare"])).split(",")
+LOADS = {k: v for k, v in LOADS.items() if k in _ONLY_LOADS}
+# netmon's cgroup backend against our own bare C consumer (bare.c, bare.bpf.c): the same
+# hooks with a bare record, drained into a store of the same capacity that wraps
+BARE = "bare" in _ONLY_LOADS
+BARE_BIN, BARE_OBJ = OUT / "bare", OUT / "bare.bpf.o"
+BARE_CAPACITY = 1 << 18  # both stores; netmon's is filled past it before timing
+BARE_CPU_RATIO, BARE_KERNEL_RATIO = 1.5, 1.1  # targets: netmon ÷ bare, pair by pair
 # destination names: what the cgroup_skb ingress program costs every received packet
 DNS_LOADS = {
     "udp_rx": (["-u", "-n", "300000"], "UDP receive, 64 B datagrams on a loopback pair (300k)"),
@@ -383,6 +389,99 @@ def bench_loads(res: dict, bpftrace: bool) -> None:
             print(f"  {name} pair {i + 1}/{PAIRS}: none {b['rate']:,.0f}/s, " + ", ".join(
                 f"{k} {runs[k][-1]['rate'] / b['rate']:.3f}" for k in (*BACKENDS, "bpftrace")
                 if runs[k]), flush=True)
+
+
+class Bare:
+    """The bare C consumer (bare.c) on the monitor core, attached once it prints READY."""
+
+    def __init__(self):
+        from netmon.host import cgroup2_root
+        with open(LOG, "a") as log:
+            self.proc = subprocess.Popen(pinned(MON_CPU, [
+                str(BARE_BIN), str(BARE_OBJ), cgroup2_root(), str(BARE_CAPACITY)]),
+                stdout=subprocess.PIPE, stderr=log, text=True)
+        self.pid = self.proc.pid
+        CHILDREN.append(self.proc)
+        if self.proc.stdout.readline().strip() != "READY":
+            raise RuntimeError(f"the bare consumer did not start; see {LOG}")
+
+    def report(self) -> dict:
+        """{records, dropped, progs: {name: [run_cnt, run_time_ns]}}"""
+        self.proc.send_signal(signal.SIGUSR1)
+        return json.loads(self.proc.stdout.readline())
+
+    def prog_stats(self) -> dict:
+        return {k.replace("bare_", "netmon_cg_"): tuple(v)
+                for k, v in self.report()["progs"].items()}
+
+    def stop(self) -> dict:
+        self.proc.send_signal(signal.SIGTERM)
+        out = json.loads(self.proc.stdout.readline())
+        self.proc.wait(30)
+        return out
+
+
+def run_wrapping(monitor: str) -> dict:
+    """One fresh monitor ("netmon": `--backend cgroup` with its store filled past
+    BARE_CAPACITY first, so it wraps; "bare": bare.c, its store touched up front) under
+    the UDP loop: its process CPU per event, then a ¼-length run with bpf_stats on for the
+    kernel's time per cgroup/connect4 run."""
+    args = LOADS.get("udp", (["-n", "200000"],))[0]
+    if monitor == "netmon":
+        m = Netmon("--backend", "cgroup", "--capacity", str(BARE_CAPACITY))
+        loadgen(["-n", str(BARE_CAPACITY + BARE_CAPACITY // 20)])
+    else:
+        m = Bare()
+    time.sleep(0.1)
+    c0 = cpu_ns(m.pid)
+    r = loadgen(args)
+    time.sleep(0.05)  # > 2 poll periods: the last records are drained
+    r["cpu_per_event"] = (cpu_ns(m.pid) - c0) / r["calls"]
+    old = BPF_STATS.read_text().strip()
+    BPF_STATS.write_text("1")
+    try:
+        p0 = m.prog_stats().get("netmon_cg_connect4", (0, 0))
+        r2 = loadgen(["-n", str(int(args[args.index("-n") + 1]) // 4)])
+        p1 = m.prog_stats().get("netmon_cg_connect4", (0, 0))
+    finally:
+        BPF_STATS.write_text(old)
+    r["connect4_ns"] = (p1[1] - p0[1]) / max(1, p1[0] - p0[0])
+    r["stats_calls"] = r2["calls"]
+    if monitor == "netmon":
+        r["dropped"] = m.health()["events_dropped"]
+        m.stop()
+    else:
+        r["dropped"] = m.stop()["dropped"]
+    return r
+
+
+def bench_bare(res: dict) -> None:
+    """Each pair: netmon (store wrapping) and the bare consumer, alternating which goes
+    first; netmon ÷ bare per pair for process CPU per event and connect4 kernel time."""
+    if not BARE_BIN.exists():
+        res["bare"] = {"error": "not built (needs clang and libbpf-dev)"}
+        return
+    runs = res["bare"] = {"netmon": [], "bare": []}
+    for i in range(PAIRS):
+        for mon in ("bare", "netmon") if i % 2 else ("netmon", "bare"):
+            runs[mon].append(run_wrapping(mon))
+        n, b = runs["netmon"][-1], runs["bare"][-1]
+        print(f"  bare pair {i + 1}/{PAIRS}: CPU/event netmon {n['cpu_per_event']:.0f} ns, "
+              f"bare {b['cpu_per_event']:.0f} ns; connect4 netmon {n['connect4_ns']:.0f} ns, "
+              f"bare {b['connect4_ns']:.0f} ns", flush=True)
+
+
+def build_bare() -> None:
+    """bare.bpf.c and bare.c into build/bench, as the bench builds loadgen.c; without
+    clang or libbpf's headers the bare rows say so instead."""
+    multiarch = run_out("cc", "-print-multiarch") or "x86_64-linux-gnu"
+    for cmd in (["clang", "-g", "-O2", "-Wall", "-target", "bpf", f"-I/usr/include/{multiarch}",
+                 f"-I{HERE}", "-c", str(HERE / "bare.bpf.c"), "-o", str(BARE_OBJ)],
+                ["cc", "-O2", "-Wall", f"-I{HERE}", "-o", str(BARE_BIN), str(HERE / "bare.c"),
+                 "-lbpf"]):
+        if subprocess.run(cmd, check=False).returncode:
+            BARE_BIN.unlink(missing_ok=True)
+            return
 
 
 def run_names(args, on: bool) -> dict:
@@ -813,6 +912,37 @@ def load_rows(t: Table, name: str, runs: dict) -> tuple:
     return s, verdict
 
 
+def bare_rows(t: Table, res: dict, summ: dict) -> None:
+    """netmon's cgroup backend against the bare C consumer, pair by pair."""
+    runs = res.get("bare")
+    if not runs:
+        return
+    if "error" in runs:
+        t.row("netmon ÷ the bare C consumer (tests/benchmarks/bare.c)", runs["error"])
+        return
+    nm, bare = runs["netmon"], runs["bare"]
+    s = summ["bare"] = {
+        "cpu_netmon": dist([r["cpu_per_event"] for r in nm]),
+        "cpu_bare": dist([r["cpu_per_event"] for r in bare]),
+        "cpu_ratio": dist(per_pair(nm, bare, "cpu_per_event")),
+        "connect4_netmon": dist([r["connect4_ns"] for r in nm]),
+        "connect4_bare": dist([r["connect4_ns"] for r in bare]),
+        "connect4_ratio": dist(per_pair(nm, bare, "connect4_ns")),
+        "dropped": sum(r["dropped"] for r in nm + bare)}
+    t.row(f"**UDP loop (200k calls) under `netmon --backend cgroup` with its store wrapping "
+          f"vs the bare C consumer (tests/benchmarks/bare.c, same hooks, a bare record, a "
+          f"wrapping store), capacity {BARE_CAPACITY:,} both**: process CPU per event, "
+          "idle polling included: netmon; bare; netmon ÷ bare per pair",
+          f"{fmt(s['cpu_netmon'], '{:.0f}', ' ns')}; {fmt(s['cpu_bare'], '{:.0f}', ' ns')}; "
+          f"{fmt(s['cpu_ratio'])} ({s['dropped']} dropped)",
+          f"≤ {BARE_CPU_RATIO} × bare's", s["cpu_ratio"]["median"] <= BARE_CPU_RATIO)
+    t.row("… kernel time per cgroup/connect4 run (bpf_stats, ¼-length run): netmon; bare; "
+          "netmon ÷ bare per pair",
+          f"{fmt(s['connect4_netmon'], '{:.0f}', ' ns')}; "
+          f"{fmt(s['connect4_bare'], '{:.0f}', ' ns')}; {fmt(s['connect4_ratio'])}",
+          f"≤ {BARE_KERNEL_RATIO} × bare's", s["connect4_ratio"]["median"] <= BARE_KERNEL_RATIO)
+
+
 def dns_rows(t: Table, res: dict, summ: dict) -> None:
     """Per receive load: the rate with names off, the on ÷ off ratio against the 1 %
     budget, the ingress program's kernel time per run."""
@@ -940,6 +1070,7 @@ def summarize(res: dict) -> tuple:
     t, summ, verdict = Table(), {}, {}  # verdict: load -> (cgroup as good as syscall?, why)
     for name, runs in res["loads"].items():
         summ[name], verdict[name] = load_rows(t, name, runs)
+    bare_rows(t, res, summ)
     dns_rows(t, res, summ)
     query_rows(t, res)
     sync_row(t, res)
@@ -963,6 +1094,7 @@ def summarize(res: dict) -> tuple:
 
 def run_parts(res: dict, bpftrace: bool) -> None:
     for part, fn in (("loads", lambda: bench_loads(res, bpftrace)),
+                     ("loads", lambda: BARE and bench_bare(res)),
                      ("dns", lambda: bench_dns(res)),
                      ("queries", lambda: bench_queries(res)),
                      ("server", lambda: bench_server(res)),
@@ -983,6 +1115,8 @@ def main() -> int:
         return 1
     OUT.mkdir(parents=True, exist_ok=True)
     subprocess.run(["cc", "-O2", "-Wall", "-o", str(LOADGEN), str(HERE / "loadgen.c")], check=True)
+    if BARE:
+        build_bare()
     bpftrace = shutil.which("bpftrace") is not None
     res = {"machine": machine(), "loads": {}, "queries": {}}
     print(f"bench: {PAIRS} pairs, load on CPU {LOAD_CPU}, monitor on CPU {MON_CPU}, "
