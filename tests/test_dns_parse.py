@@ -98,7 +98,8 @@ def test_huge_counts_and_overlong_names_are_refused():
 
 def test_random_corruption_never_crashes_or_stalls():
     """Seeded: byte flips, splices and truncations of real answers; only DNSError or a
-    list of well-formed answers may come out, each in well under a millisecond."""
+    list of well-formed answers may come out, and every parse ends (a parse takes tens of
+    µs; the bound below only catches a loop or a blow-up, never a slow machine)."""
     rng = random.Random(1234)
     seeds = [CHAIN, response("v6.test.", ("v6.test.", 9, "AAAA", "2001:db8::2"), edns=True)]
     worst = 0.0
@@ -123,7 +124,7 @@ def test_random_corruption_never_crashes_or_stalls():
         worst = max(worst, time.perf_counter() - started)
         for a in out:
             assert len(a.addr) in (4, 16) and isinstance(a.name, str) and a.ttl >= 0
-    assert worst < 0.05
+    assert worst < 1.0
 
 
 def test_tcp_segments_hold_length_prefixed_messages():
