@@ -11,6 +11,7 @@ from helpers import child_env, netmon_command, run_child
 from netmon import cli
 from netmon.cli import trace
 from netmon.event import Event
+from netmon.host import cgroup2_root
 from netmon.testing import record, synthetic_monitor
 
 
@@ -47,17 +48,18 @@ def test_columns_line_up():
                       packets=3))
     lines = [trace.HEADER] + [trace.line(e) for e in mon.events(kind=None)]
     ends = [trace.HEADER.index(w) + len(w) for w in ("PID", "LATENCY")]  # right-aligned
+    root = "/" if cgroup2_root() else "-"  # cgroup id 1: the root cgroup, where mounted
     starts = [trace.HEADER.index(w) for w in ("COMMAND", "FAMILY", "SOURCE", "DESTINATION",
-                                              "PROTO", "RESULT")]
+                                              "PROTO", "RESULT", "WORKLOAD")]
     for ln in lines[1:]:
         assert all(ln[end - 1] != " " and ln[end] == " " for end in ends), ln
         assert all(ln[c - 1] == " " and ln[c] != " " for c in starts), ln
     assert lines[1].split() == [lines[1].split()[0], "4242", "curl", "inet", "-",
-                                "10.1.2.3:443", "TCP", "1.2ms", "ECONNREFUSED"]
+                                "10.1.2.3:443", "TCP", "1.2ms", "ECONNREFUSED", root]
     assert lines[2].split()[1:] == ["7", "busctl", "unix", "-", "/run/dbus/system_bus_socket",
-                                    "UNIX", "-", "ok"]
+                                    "UNIX", "-", "ok", root]
     assert lines[3].split()[1:] == ["123456", "dig", "inet6", "-", "[::1]:53", "UDP", "-",
-                                    "sent", "3"]
+                                    "sent", "3", root]
     ev = Event.from_row(mon._store.query(1, True)[0][0], mon.wall_offset_ns())
     assert trace.line(ev).split()[0] == ev.timestamp.strftime("%H:%M:%S.%f")
 
