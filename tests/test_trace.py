@@ -12,6 +12,7 @@ from netmon import cli
 from netmon.cli import trace
 from netmon.event import Event
 from netmon.host import cgroup2_root
+from netmon.identity import parse_cgroup_path
 from netmon.testing import record, synthetic_monitor
 
 
@@ -135,13 +136,21 @@ def test_json_count_captures_real_connects(listener):
     assert err.splitlines()[-1].startswith("netmon trace: 4 shown;")
 
 
+def _own_workload():
+    """The WORKLOAD column of a child of ours: our cgroup's unit, else its path."""
+    with open("/proc/self/cgroup") as f:
+        path = next(ln[3:].strip() for ln in f if ln.startswith("0::"))
+    w = parse_cgroup_path(path)
+    return w.unit or w.cgroup
+
+
 @pytest.mark.bpf
 def test_columns_until_sigterm(listener):
     proc = start_trace("--port", str(listener), "--result", "ok")
     try:
         assert proc.stdout.readline().split() == ["TIME(UTC)", "PID", "COMMAND", "FAMILY",
                                                   "SOURCE", "DESTINATION", "PROTO", "LATENCY",
-                                                  "RESULT"]
+                                                  "RESULT", "WORKLOAD"]
         pid = connect_from_child("nm-trace-cols", [{"family": "inet",
                                                     "addr": ["127.0.0.1", listener],
                                                     "repeat": 2}])
@@ -152,7 +161,8 @@ def test_columns_until_sigterm(listener):
         proc.kill()
     for fields in lines:
         assert fields[1:4] + fields[5:7] + fields[8:] == [str(pid), "nm-trace-cols", "inet",
-                                                          f"127.0.0.1:{listener}", "TCP", "ok"]
+                                                          f"127.0.0.1:{listener}", "TCP", "ok",
+                                                          _own_workload()]
         assert fields[4].startswith("127.0.0.1:") and int(fields[4].split(":")[1]) > 0
         assert fields[7].endswith(("us", "ms"))  # the handshake's latency
     assert proc.returncode == 0 and out == ""
