@@ -15,6 +15,7 @@ import pytest
 from helpers import assert_error, call
 
 from netmon import Monitor
+from netmon._core import RESULTS
 from netmon.host import cgroup2_root
 from netmon.identity import Identity, Process, Workload, parse_cgroup_path
 from netmon.testing import record
@@ -375,7 +376,9 @@ def test_api_filters_top_and_fields_by_name():
 def test_event_names_fields_in_identity_order():
     from netmon.event import NAME_FIELDS, Event
     assert NAME_FIELDS == Workload._fields + Process._fields
-    row = (1, 5, 1, 2, 3, 4, 0, 2, 80, 1, 6, 0, b"c", b"\x7f\0\0\1", 1, 1, 0, 0, 0, 0)
+    row = (1, 5, 1, 2, 3, 4, 0, 2, 80, 1, 6, 0, b"c", b"\x7f\0\0\1", 1, 1, 0, 0, 0, 0,
+           next(iter(RESULTS)))
     ev = Event.from_row(row, 0, tuple(range(len(NAME_FIELDS))))
     assert ev.cgroup == 0 and ev.exe == len(NAME_FIELDS) - 1 and ev.destination == "127.0.0.1:80"
+    assert ev.result == RESULTS[row[-1]]
     assert Event.from_row(row, 0).exe is None
