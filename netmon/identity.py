@@ -237,19 +237,24 @@ def walk_cgroups(root: str, wanted: set) -> Dict[int, str]:
 
 # ---- /proc ----
 
-def read_process(pid: int) -> Optional[Tuple[int, int, Optional[str]]]:
-    """(start time in clock ticks since boot, ppid, exe) of a live process; None if gone."""
+def read_process(pid: int, known: Optional[int] = None
+                 ) -> Optional[Tuple[int, int, Optional[str]]]:
+    """(start time in clock ticks since boot, ppid, exe) of a live process; None if gone.
+    exe is not read (None) when the start time is `known`: the same process as before."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
     fields = stat[stat.rfind(b")") + 2:].split()  # after the command, which may hold ")"
+    start, ppid = int(fields[19]), int(fields[1])
+    if start == known:
+        return start, ppid, None
     try:
         exe = os.readlink(f"/proc/{pid}/exe")
     except OSError:  # a kernel thread, or gone
         exe = None
-    return int(fields[19]), int(fields[1]), exe
+    return start, ppid, exe
 
 
 class _Proc(NamedTuple):
@@ -379,12 +384,19 @@ class Identity:
         newest one among them, cgroup_ids every cgroup id among them; `unswept` records
         before lo_seq were overwritten before a sweep saw them."""
         self.resolve_cgroups(cgroup_ids)
-        seen = [(pid, ts, self._read_process(pid)) for pid, ts in newest_per_pid]
+        # every pid's start time is read again (a few us): nothing cheaper says reliably
+        # that a pid was not handed out again since (ns_last_pid can be rewound)
+        seen = [(pid, ts, self._read_process(pid, self._known_start(pid)))
+                for pid, ts in newest_per_pid]
         with self._lock:
             self.counters["records_unswept"] += unswept
             for pid, ts, proc in seen:
                 self._note(pid, ts, proc, lo_seq)
             self.swept_seq = max(self.swept_seq, hi_seq)
+
+    def _known_start(self, pid: int) -> Optional[int]:
+        entries = self._procs.get(pid)
+        return entries[-1].start if entries else None
 
     def _note(self, pid: int, ts_ns: int, proc, lo_seq: int) -> None:
         """The process seen with `pid` from lo_seq on: a new entry unless it is the one

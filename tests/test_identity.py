@@ -13,9 +13,9 @@ import uuid
 
 import pytest
 from helpers import assert_error, call
+from netmon._core import RESULTS
 
 from netmon import Monitor
-from netmon._core import RESULTS
 from netmon.host import cgroup2_root
 from netmon.identity import Identity, Process, Workload, parse_cgroup_path
 from netmon.testing import record
@@ -62,7 +62,7 @@ def test_paths_name_units_containers_and_pods(path, expect):
 
 def test_a_reused_pid_never_inherits_another_process_identity():
     procs = {}
-    ident = Identity(None, read_process=lambda pid: procs.get(pid))
+    ident = Identity(None, read_process=lambda pid, known=None: procs.get(pid))
     tick = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
     procs[42] = (100, 1, "/usr/bin/a")                   # A, started at tick 100
     ident.sweep(1, 1, [(42, 150 * tick)], [])
@@ -81,7 +81,7 @@ def test_a_reused_pid_never_inherits_another_process_identity():
 
 def test_ppid_and_exe_filters_select_by_process_range():
     mon = Monitor(capacity=64)
-    mon.identity = Identity(None, read_process=lambda pid: {
+    mon.identity = Identity(None, read_process=lambda pid, known=None: {
         10: (1, 1, "/usr/bin/curl"), 11: (1, 10, "/usr/bin/wget")}.get(pid))
     for pid in (10, 11, 10, 12):
         mon.inject(record(pid=pid))
@@ -345,7 +345,8 @@ def test_a_reused_pid_gets_the_new_process_identity(port):
 
 def test_api_filters_top_and_fields_by_name():
     mon = Monitor(capacity=64)
-    mon.identity = Identity(None, read_process=lambda pid: {10: (1, 1, "/usr/bin/curl")}.get(pid))
+    mon.identity = Identity(None, read_process=lambda pid, known=None: {
+        10: (1, 1, "/usr/bin/curl")}.get(pid))
     mon.identity._cgroups[77] = parse_cgroup_path("/system.slice/nginx.service")
     mon.inject(record(pid=10, cgroup_id=77, ret=-111))
     mon.inject(record(pid=11, cgroup_id=78))
