@@ -189,7 +189,7 @@ def test_curl_to_a_closed_port_shows_the_refusal(backend):
     header, line = out.splitlines()
     fields = line.split()
     assert fields[2:4] + fields[5:7] + fields[8:] == ["curl", "inet", f"127.0.0.1:{port}",
-                                                      "TCP", "ECONNREFUSED"]
+                                                      "TCP", "ECONNREFUSED", _own_workload()]
     assert fields[4] == "-"  # a refused connect's port is released before we see it
     assert fields[7].endswith(("us", "ms"))
     ev = json.loads(jout)
