@@ -378,8 +378,8 @@ def test_event_names_fields_in_identity_order():
     from netmon.event import NAME_FIELDS, Event
     assert NAME_FIELDS == Workload._fields + Process._fields
     row = (1, 5, 1, 2, 3, 4, 0, 2, 80, 1, 6, 0, b"c", b"\x7f\0\0\1", 1, 1, 0, 0, 0, 0,
-           next(iter(RESULTS)))
+           next(iter(RESULTS)), 0, b"")
     ev = Event.from_row(row, 0, tuple(range(len(NAME_FIELDS))))
     assert ev.cgroup == 0 and ev.exe == len(NAME_FIELDS) - 1 and ev.destination == "127.0.0.1:80"
-    assert ev.result == RESULTS[row[-1]]
+    assert ev.result == RESULTS[row[20]] and ev.source_port is None
     assert Event.from_row(row, 0).exe is None
