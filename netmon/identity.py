@@ -37,6 +37,9 @@ import time
 from collections import OrderedDict
 from typing import Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
+from .host import effective_caps
+
+CAP_DAC_READ_SEARCH = 2
 MAX_CGROUPS = 65536
 MAX_PROCESSES = 65536
 MISS_RETRY_S = 1.0  # an id no walk found is looked for again after this long
@@ -347,6 +350,9 @@ class Identity:
 
     def _paths(self, ids: set) -> Dict[int, str]:
         root = self.cgroup_root
+        if self._by_handle and not effective_caps(f"self/task/{threading.get_native_id()}") \
+                & 1 << CAP_DAC_READ_SEARCH:
+            self._by_handle = False  # privileges dropped: not even try (seccomp may deny it)
         if self._by_handle:
             try:
                 fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
