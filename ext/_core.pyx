@@ -10,6 +10,7 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
 from libc.errno cimport EINVAL, errno
 from cpython.bytes cimport PyBytes_FromStringAndSize
+import struct
 cimport libbpf as bpf
 cimport netmon as nm
 from netmon cimport netmon_event, NETMON_COMM_LEN, NETMON_ADDR_LEN
@@ -34,7 +35,12 @@ cdef extern from "store.h" nogil:
         NM_Q_SRC
         NM_Q_SPORT
         NM_Q_NAME
+        NM_Q_CGROUPS
+        NM_Q_PROCS
+        NM_FILTER_IDS_MAX
     struct nm_name_window:
+        pass
+    struct nm_proc_range:
         pass
     struct nm_filter:
         uint32_t mask
@@ -57,12 +63,17 @@ cdef extern from "store.h" nogil:
         uint64_t after_seq
         const nm_name_window *names
         uint64_t n_names
+        const uint64_t *cgroups
+        uint64_t n_cgroups
+        const nm_proc_range *procs
+        uint64_t n_procs
     struct nm_hit:
         uint64_t seq
         netmon_event ev
     struct nm_top:
         uint64_t count
         uint64_t failed
+        uint64_t seq
         netmon_event rep
     enum:
         NM_ATTEMPT_SLOTS
@@ -257,7 +268,9 @@ NETMON_BACKEND_SYSCALL, NETMON_BACKEND_CGROUP = (
 DROP_REASONS = ("ringbuf_full", "inflight_full", "no_enter", "outcome_ringbuf_full",
                 "udp_flows_full", "dns_ringbuf_full")
 BPF_CGROUP_UNIX_CONNECT = 49  # Linux 6.7+; not in libbpf 1.1's headers
-TOP_BY = ("destination", "command", "pid", "port", "error", "service", "client", "name")
+TOP_BY = ("destination", "command", "pid", "port", "error", "service", "client", "name",
+          "cgroup")
+FILTER_IDS_MAX = NM_FILTER_IDS_MAX  # most cgroup ids / process ranges one filter takes
 # what happened to an attempt (ext/store.h, nm_result), by the code a row carries
 RESULTS = {NM_R_OK: "ok", NM_R_ERROR: "error", NM_R_PENDING: "pending",
            NM_R_UNKNOWN: "unknown"}
@@ -393,14 +406,16 @@ cdef class Store:
                 "failed": [h.failed[i] for i in range(NM_LAT_BUCKETS)],
                 "established_us": h.established_us, "failed_us": h.failed_us}
 
-    cdef int _filter(self, nm_filter *f, dict q) except -1:
+    cdef object _filter(self, nm_filter *f, dict q):
         """q: pid, comm, kind, family, protocol, port, result ("ok", "error", "pending",
         "unknown" or -errno: the errno the error field names), dest ((family, address
         bytes, prefix: bits for inet, bytes for unix)), src ((family, address bytes,
-        prefix bits)), sport, since_ns, until_ns, after_seq;
-        None or absent = any. names: (table, is_filter): a bytes table of nm_name_window
-        (sorted; see store.h) that keeps only events in one of its windows if is_filter,
-        and that top by "name" groups by. The table must outlive the query: q holds it."""
+        prefix bits)), sport, since_ns, until_ns, after_seq, cgroups (ids), procs ((pid,
+        lo_seq, hi_seq): seq in [lo, hi)); None or absent = any. names: (table,
+        is_filter): a bytes table of nm_name_window (sorted; see store.h) that keeps only
+        events in one of its windows if is_filter, and that top by "name" groups by. The
+        table must outlive the query: q holds it. Returns what else f points into: keep
+        it while f is used."""
         cdef const unsigned char[:] table
         memset(f, 0, sizeof(nm_filter))
         pid, comm, family = q.get("pid"), q.get("comm"), q.get("family")
@@ -470,7 +485,28 @@ cdef class Store:
             f.names = <const nm_name_window *>&table[0] if f.n_names else NULL
             if is_filter:
                 f.mask |= NM_Q_NAME
-        return 0
+        return self._id_sets(f, q.get("cgroups"), q.get("procs"))
+
+    cdef tuple _id_sets(self, nm_filter *f, cgroups, procs):
+        """The id arrays the C filter searches, packed sorted into bytes f points into."""
+        cg = pr = None
+        if cgroups is not None:
+            ids = sorted(set(cgroups))
+            if len(ids) > NM_FILTER_IDS_MAX:
+                raise ValueError(f"a filter takes at most {NM_FILTER_IDS_MAX} cgroups")
+            cg = struct.pack(f"<{len(ids)}Q", *ids)
+            f.mask |= NM_Q_CGROUPS
+            f.cgroups = <const uint64_t *><const char *>cg
+            f.n_cgroups = len(ids)
+        if procs is not None:
+            ranges = sorted(set(procs))
+            if len(ranges) > NM_FILTER_IDS_MAX:
+                raise ValueError(f"a filter takes at most {NM_FILTER_IDS_MAX} processes")
+            pr = b"".join([struct.pack("<IIQQ", p, 0, lo, hi) for p, lo, hi in ranges])
+            f.mask |= NM_Q_PROCS
+            f.procs = <const nm_proc_range *><const char *>pr
+            f.n_procs = len(ranges)
+        return (cg, pr)
 
     def query(self, uint64_t limit=0, bint newest=True, **q):
         """(rows, matched): the newest (or oldest) `limit` (0: all) rows matching q (see
@@ -479,7 +515,7 @@ cdef class Store:
         cdef nm_hit *hits = NULL
         cdef uint64_t n = 0, matched = 0
         cdef int err
-        self._filter(&f, q)
+        keep = self._filter(&f, q)  # no-cython-lint (f points into it)
         with nogil:
             err = nm_store_query(&self.s, &f, limit, newest, &hits, &n, &matched)
         if err:
@@ -498,7 +534,7 @@ cdef class Store:
         cdef nm_hit *hits = NULL
         cdef uint64_t n = 0, upto = 0, holder = 0, oldest = 0
         cdef int err
-        self._filter(&f, q)
+        keep = self._filter(&f, q)  # no-cython-lint (f points into it)
         with nogil:
             err = nm_store_follow(&self.s, &f, limit, hold_ns, &hits, &n, &upto, &holder,
                                   &oldest)
@@ -512,7 +548,7 @@ cdef class Store:
     def count(self, **q):
         cdef nm_filter f
         cdef uint64_t matched = 0
-        self._filter(&f, q)
+        keep = self._filter(&f, q)  # no-cython-lint (f points into it)
         with nogil:
             nm_store_query(&self.s, &f, 0, 1, NULL, NULL, &matched)
         return matched
@@ -524,7 +560,7 @@ cdef class Store:
         cdef nm_hit *hits = NULL
         cdef uint64_t n = 0, pids = 0
         cdef int truncated = 0, err
-        self._filter(&f, q)
+        keep = self._filter(&f, q)  # no-cython-lint (f points into it)
         with nogil:
             err = nm_store_latest_per_pid(&self.s, &f, per_pid, max_total, &hits, &n, &pids,
                                           &truncated)
@@ -542,13 +578,13 @@ cdef class Store:
         cdef nm_top *tops = NULL
         cdef uint64_t n = 0, groups = 0, matched = 0, i
         cdef int err, by_i = TOP_BY.index(by)
-        self._filter(&f, q)
+        keep = self._filter(&f, q)  # no-cython-lint (f points into it)
         with nogil:
             err = nm_store_top(&self.s, &f, by_i, limit, &tops, &n, &groups, &matched)
         if err:
             raise MemoryError()
         try:
-            return [(_row(0, &tops[i].rep), tops[i].count, tops[i].failed)
+            return [(_row(tops[i].seq, &tops[i].rep), tops[i].count, tops[i].failed)
                     for i in range(n)], groups, matched
         finally:
             free(tops)

@@ -550,6 +550,41 @@ static uint32_t name_group(const struct nm_filter *f, const struct netmon_event 
 	return 0;
 }
 
+static int has_cgroup(const struct nm_filter *f, uint64_t id)
+{
+	uint64_t lo = 0, hi = f->n_cgroups;
+
+	while (lo < hi) {
+		uint64_t mid = lo + (hi - lo) / 2;
+
+		if (f->cgroups[mid] < id)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo < f->n_cgroups && f->cgroups[lo] == id;
+}
+
+/* (pid, seq) within one of the process ranges: the first range of pid by binary search,
+ * then its few neighbours (a pid has more than one range only if it was reused) */
+static int has_proc(const struct nm_filter *f, uint32_t pid, uint64_t seq)
+{
+	uint64_t lo = 0, hi = f->n_procs;
+
+	while (lo < hi) {
+		uint64_t mid = lo + (hi - lo) / 2;
+
+		if (f->procs[mid].pid < pid)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	for (; lo < f->n_procs && f->procs[lo].pid == pid; lo++)
+		if (seq >= f->procs[lo].lo_seq && seq < f->procs[lo].hi_seq)
+			return 1;
+	return 0;
+}
+
 static inline int match(const struct nm_filter *f, const struct netmon_event *e)
 {
 	uint32_t m = f->mask;
@@ -576,7 +611,18 @@ static inline int match(const struct nm_filter *f, const struct netmon_event *e)
 		return 0;
 	if ((m & NM_Q_NAME) && !name_group(f, e))
 		return 0;
+	if ((m & NM_Q_CGROUPS) && !has_cgroup(f, e->cgroup_id))
+		return 0;
 	return !(m & NM_Q_RESULT) || result_match(m, f->ret, e);
+}
+
+/* match(), and the process ranges, which need the record's sequence number */
+static inline int match_at(const struct nm_filter *f, const struct netmon_event *e,
+			   uint64_t seq)
+{
+	if ((f->mask & NM_Q_PROCS) && !has_proc(f, e->pid, seq))
+		return 0;
+	return match(f, e);
 }
 
 /* the part of a filter the key column can answer */
@@ -652,7 +698,8 @@ static int scan_chunk(struct nm_store *s, struct scan *sc, visit_fn fn, void *ct
 	else
 		sc->lo += n;
 	for (; n; n--) {
-		if (prematch(&sc->p, &s->keys[slot]) && (sc->exact || match(sc->f, &s->ring[slot])) &&
+		if (prematch(&sc->p, &s->keys[slot]) &&
+		    (sc->exact || match_at(sc->f, &s->ring[slot], seq)) &&
 		    (rc = fn(ctx, s, seq, &s->ring[slot])))
 			return rc;
 		if (sc->back) {
@@ -935,7 +982,7 @@ static int visit_follow(void *ctx, struct nm_store *s, uint64_t seq, const struc
 		c->stopped = 1;
 		return 1;
 	}
-	if (match(c->f, e) && (err = hits_add(&c->h, seq, e)))
+	if (match_at(c->f, e, seq) && (err = hits_add(&c->h, seq, e)))
 		return err;
 	if (c->limit && c->h.n == c->limit) {
 		c->upto = seq;
@@ -1107,6 +1154,9 @@ static size_t group_key(const struct nm_filter *f, int by, const struct netmon_e
 		if (inet(e) && e->src_port)
 			memcpy(key + 2, e->src_addr, 16);
 		return 18;
+	case NM_BY_CGROUP:
+		memcpy(key, &e->cgroup_id, 8);
+		return 8;
 	default: /* NM_BY_ERROR */
 		memcpy(key, &e->ret, 4);
 		return 4;
@@ -1286,7 +1336,7 @@ static int top_result(struct nm_store *s, struct gtab *t, uint64_t limit, struct
 			gone++;
 			continue;
 		}
-		res[take++] = (struct nm_top){t->g[k].count, t->g[k].failed,
+		res[take++] = (struct nm_top){t->g[k].count, t->g[k].failed, t->g[k].seq,
 					      s->ring[(t->g[k].seq - 1) % s->capacity]};
 	}
 	nm_store_unlock(s);

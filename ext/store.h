@@ -124,6 +124,8 @@ enum {
 	NM_Q_SRC = 1 << 12,   /* source address within src/src_len (inet only) */
 	NM_Q_SPORT = 1 << 13, /* src_port == sport (inet only) */
 	NM_Q_NAME = 1 << 14,  /* (net_ns, address, time) falls in one of filter.names */
+	NM_Q_CGROUPS = 1 << 15, /* cgroup_id is one of cgroups[] */
+	NM_Q_PROCS = 1 << 16,   /* (pid, seq) falls in one of procs[] */
 };
 
 /* When an address stood for a name in one network namespace: [from_ns, to_ns) on the
@@ -138,6 +140,16 @@ struct nm_name_window {
 	uint64_t from_ns, to_ns;
 	uint32_t group;   /* top by name: which name (1, 2, ...) */
 	uint32_t pad2;
+};
+
+#define NM_FILTER_IDS_MAX 65536 /* bound on cgroups[] and procs[] */
+
+/* one process's records: pid, and the sequence numbers [lo_seq, hi_seq) it held that pid
+ * for (a reused pid is another range) */
+struct nm_proc_range {
+	uint32_t pid;
+	uint32_t pad;
+	uint64_t lo_seq, hi_seq;
 };
 
 struct nm_filter {
@@ -159,6 +171,12 @@ struct nm_filter {
 	uint64_t after_seq; /* keep seq > after_seq */
 	const struct nm_name_window *names; /* NM_Q_NAME, and top by name */
 	uint64_t n_names;
+	/* workload filters, names already turned into ids by the caller; n = 0 with the
+	 * mask bit set matches nothing */
+	const uint64_t *cgroups;             /* ascending */
+	uint64_t n_cgroups;
+	const struct nm_proc_range *procs;   /* ascending by pid */
+	uint64_t n_procs;
 };
 
 struct nm_hit {
@@ -171,11 +189,13 @@ enum { NM_BY_DEST = 0, NM_BY_COMM = 1, NM_BY_PID = 2, NM_BY_PORT = 3, NM_BY_ERRO
        NM_BY_SERVICE = 5, /* (destination port, comm): for accepts, a local service */
        NM_BY_CLIENT = 6,  /* source address: for accepts, the remote client */
        NM_BY_NAME = 7,    /* the group of the window an event falls in (0: none) */
+       NM_BY_CGROUP = 8,  /* cgroup id: names (units, containers, pods) group over it */
 };
 
 struct nm_top {
 	uint64_t count;
 	uint64_t failed;
+	uint64_t seq;            /* the representative's sequence number */
 	struct netmon_event rep; /* the newest event of the group: renders its key */
 };
 

@@ -79,6 +79,8 @@ def to_datetime(ns: int) -> _dt.datetime:
 
 
 def rfc3339(ts: _dt.datetime) -> str:
+    if ts.year >= 1000:  # isoformat is the faster, and it runs for every event served
+        return ts.isoformat(timespec="microseconds")[:26] + "Z"
     return ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -159,9 +161,23 @@ class Event(NamedTuple):
     # this network namespace (Monitor(dns_names=True)); the CNAMEs it went through
     destination_name: Optional[str] = None
     destination_cname_chain: Optional[Tuple[str, ...]] = None
+    # who: names for cgroup_id and pid, resolved off the capture path (see identity.py)
+    cgroup: Optional[str] = None  # cgroup v2 path from the cgroup2 root
+    unit: Optional[str] = None  # systemd unit
+    container_runtime: Optional[str] = None  # docker, containerd, cri-o, podman
+    container_id: Optional[str] = None
+    pod_uid: Optional[str] = None
+    pod_qos: Optional[str] = None  # guaranteed, burstable, besteffort
+    container_name: Optional[str] = None
+    pod_name: Optional[str] = None
+    pod_namespace: Optional[str] = None
+    ppid: Optional[int] = None
+    exe: Optional[str] = None  # the executable's path
 
     @classmethod
-    def from_row(cls, row, offset_ns: int) -> "Event":
+    def from_row(cls, row, offset_ns: int, names: tuple = ()) -> "Event":
+        """A store row -> Event; `names`: its naming fields in NAME_FIELDS order
+        (Identity.fields_of), else those are None."""
         (seq, ts_ns, cgroup_id, pid, tid, uid, ret, family, port, sock_type, proto, flags,
          comm, addr, kind, backend, outcome, net_ns, latency_us, packets, result, src_port,
          src_addr) = row
@@ -186,26 +202,33 @@ class Event(NamedTuple):
             protocol = None
         source_ip, source_port = _source(family, src_port, src_addr)
         owned = not flags & NETMON_F_NO_OWNER
-        return cls(
-            seq=seq, timestamp=to_datetime(ts_ns + offset_ns), pid=pid if owned else None,
-            tid=tid if owned else None, uid=uid if owned else None,
-            cgroup_id=cgroup_id if owned else None,
-            command=shown(comm) if owned else None,
-            family=family, destination=dest, ip=ip, port=out_port,
-            socket_type=SOCKET_TYPES.get(sock_type, str(sock_type)) if sock_type else None,
-            protocol=protocol,
-            return_code=_return_code(ret, flags),
-            error=(_errno.errorcode.get(-ret, f"E{-ret}") if ret < 0 and result != "ok"
-                   and not flags & NETMON_F_NO_RESULT else None),
-            truncated=truncated, ts_ns=ts_ns, kind=KINDS.get(kind, str(kind)),
-            backend=BACKENDS.get(backend, str(backend)), net_ns=net_ns or None,
-            outcome=None if udp else _outcome(outcome, ret, flags, protocol),
-            latency_us=latency_us or None, packets=packets if udp else None,
-            result=result, source_ip=source_ip, source_port=source_port)
+        # positionally, in field order, and the names appended: keyword arguments cost a
+        # third of the time here, which runs for every event built
+        return tuple.__new__(cls, (
+            seq, to_datetime(ts_ns + offset_ns),  # seq, timestamp
+            pid if owned else None, tid if owned else None, uid if owned else None,
+            cgroup_id if owned else None, shown(comm) if owned else None,  # .., command
+            family, dest, ip, out_port,  # family, destination, ip, port
+            SOCKET_TYPES.get(sock_type, str(sock_type)) if sock_type else None,  # socket_type
+            protocol,
+            _return_code(ret, flags),  # return_code
+            (_errno.errorcode.get(-ret, f"E{-ret}") if ret < 0 and result != "ok"  # error
+             and not flags & NETMON_F_NO_RESULT else None),
+            truncated, ts_ns, KINDS.get(kind, str(kind)),  # truncated, ts_ns, kind
+            BACKENDS.get(backend, str(backend)), net_ns or None,  # backend, net_ns
+            None if udp else _outcome(outcome, ret, flags, protocol),  # outcome
+            latency_us or None, packets if udp else None,  # latency_us, packets
+            result, source_ip, source_port,
+            None, None,  # destination_name, destination_cname_chain: Monitor fills them
+        ) + (names if names and owned else _NO_NAMES))
 
     @property
     def service(self) -> Optional[str]:
         return SERVICES.get(self.port) if self.port is not None else None
+
+    def names_dict(self) -> dict:
+        """The naming fields (cgroup ... exe) by name."""
+        return dict(zip(NAME_FIELDS, self[_NAMED_AT:]))
 
     def to_dict(self) -> dict:
         """The JSON form served by the API (field names kept from the predecessor)."""
@@ -224,5 +247,11 @@ class Event(NamedTuple):
             "destination_name": self.destination_name,
             "destination_cname_chain": (list(self.destination_cname_chain)
                                         if self.destination_cname_chain else None),
-            "timestamp": ts, "wall_time": ts,
+            "timestamp": ts, "wall_time": ts, **self.names_dict(),
         }
+
+
+# who: the fields naming the workload and the process, last in Event
+NAME_FIELDS = Event._fields[Event._fields.index("cgroup"):]
+_NAMED_AT = len(Event._fields) - len(NAME_FIELDS)
+_NO_NAMES = (None,) * len(NAME_FIELDS)

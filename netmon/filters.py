@@ -17,7 +17,11 @@ from .names import name_bytes
 # the filters every query takes, by the name the API, its OpenAPI description and
 # `netmon trace` give them (compile_filter's keywords, plus since / until / after_seq)
 FILTER_NAMES = ("pid", "command", "family", "protocol", "port", "dest", "result", "kind",
-                "src", "sport", "name")
+                "src", "sport", "name", "unit", "container", "pod", "namespace", "cgroup",
+                "ppid", "exe")
+# the filters naming a workload or a process: the Monitor turns them into the cgroup ids
+# and process ranges they cover when a query runs (see Monitor.names_to_ids)
+NAME_FILTERS = ("unit", "container", "pod", "namespace", "cgroup", "ppid", "exe")
 FAMILY_NAMES = {"inet": AF_INET, "inet6": AF_INET6, "unix": AF_UNIX}
 KIND_NUMBERS = {v: k for k, v in KINDS.items()}
 Time = Union[None, _dt.datetime, _dt.timedelta]
@@ -170,20 +174,41 @@ class Filter:
     """Filters checked and compiled once: `keywords` as they were given, `store` the
     keyword arguments of the C store's queries. Monitor's queries take one as where=."""
 
-    __slots__ = ("keywords", "store")
+    __slots__ = ("keywords", "store", "names")
 
-    def __init__(self, keywords: dict, store: dict):
+    def __init__(self, keywords: dict, store: dict, names: Optional[dict] = None):
         self.keywords, self.store = keywords, store
+        self.names = names or {}  # NAME_FILTERS given, checked, not yet turned into ids
 
     def after(self, seq: int) -> "Filter":
         """The same filter, matching only events after `seq`."""
         return Filter({**self.keywords, "after_seq": seq},
-                      {**self.store, "after_seq": int_in("after", seq, 0, 2**63 - 1)})
+                      {**self.store, "after_seq": int_in("after", seq, 0, 2**63 - 1)},
+                      self.names)
 
 
 def compile_filter(**keywords) -> Filter:
-    """Filters (the keywords of _store_args) -> a Filter; a FilterError names a bad one."""
-    return Filter(keywords, _store_args(**keywords))
+    """Filters (the keywords of _store_args, and NAME_FILTERS) -> a Filter; a FilterError
+    names a bad one."""
+    names = {k: _name_filter(k, keywords[k]) for k in NAME_FILTERS
+             if keywords.get(k) is not None}
+    rest = {k: v for k, v in keywords.items() if k not in NAME_FILTERS}
+    return Filter(keywords, _store_args(**rest), names)
+
+
+def _name_filter(param: str, v):
+    """A workload or process filter, checked: ppid a pid, cgroup a path from the cgroup2
+    root, the others non-empty names."""
+    if param == "ppid":
+        return int_in("ppid", v, 0, 2**32 - 1)
+    if not isinstance(v, str) or not v or len(v) > 4096 or "\0" in v:
+        raise FilterError(param, "must be a non-empty string")
+    if param == "cgroup":
+        if not v.startswith("/"):
+            raise FilterError("cgroup", "must be a path from the cgroup2 root, like "
+                                        "/system.slice")
+        return "/" + "/".join(p for p in v.split("/") if p)
+    return v
 
 
 def _store_args(*, pid=None, command=None, kind="connect", family=None, protocol=None,

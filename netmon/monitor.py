@@ -8,7 +8,7 @@ import os
 import socket
 import threading
 import time
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from . import _core, host, listeners, privilege
 from .dns import DEFAULT_CAPACITY as DEFAULT_NAMES_CAPACITY
@@ -16,6 +16,7 @@ from .dns import DEFAULT_FLOOR_SECONDS, NameCache, window_group
 from .event import AF_UNIX, PROTOCOLS, Event, to_datetime, wall_offset_ns
 from .filters import FAMILY_NAMES, Filter, FilterError, compile_filter
 from .host import MonitorError
+from .identity import Identity, Process, Workload
 
 log = logging.getLogger("netmon")
 
@@ -30,6 +31,14 @@ STALL_SECONDS = 2.0  # a poll loop silent this long is unhealthy
 # handshake's outcome before passing its event on as pending
 HOLD_SECONDS = 1.0
 BACKENDS = ("syscall", "cgroup", "auto")
+SWEEP_S = 0.01  # how often new records' processes and cgroups are named (see identity.py)
+# top-N groups beyond the store's own: by a workload name (over the store's top by cgroup
+# id: exact, a cgroup has one name) or by executable (over its top by pid)
+NAME_TOP_BY = {"unit": lambda w: w.unit,
+               "container": lambda w: (w.container_runtime, w.container_id),
+               "pod": lambda w: w.pod_uid,
+               "namespace": lambda w: w.pod_namespace}
+TOP_BY = _core.TOP_BY + tuple(NAME_TOP_BY) + ("exe",)
 DNS_POLL_SECONDS = 0.05  # the DNS ring is drained this often (and before every query)
 NAMES_OFF = ("destination names are off: start netmon with --dns-names "
              "(Monitor(dns_names=True))")
@@ -43,13 +52,40 @@ def _check_ringbuf(n: int) -> int:
     return n
 
 
-def _compiled(where: Optional[Filter], filters: dict) -> dict:
+def _compiled(where: Optional[Filter], filters: dict) -> Filter:
     """The compiled `where`, or the filter keywords compiled."""
     if where is None:
-        return compile_filter(**filters).store
+        return compile_filter(**filters)
     if filters:
         raise TypeError("give the filters either compiled (where=) or as keywords, not both")
-    return where.store
+    return where
+
+
+def _workload_match(key: str, v: str) -> Callable[[Workload], bool]:
+    if key == "unit":
+        return lambda w: w.unit == v
+    if key == "container":  # an id prefix or a name
+        return lambda w: w.container_id is not None and (
+            w.container_id.startswith(v.lower()) or w.container_name == v)
+    if key == "pod":
+        return lambda w: w.pod_uid is not None and v in (w.pod_uid, w.pod_name)
+    if key == "namespace":
+        return lambda w: w.pod_namespace == v
+    return lambda w: w.cgroup is not None and (  # cgroup: a path prefix, whole components
+        v == "/" or w.cgroup == v or w.cgroup.startswith(v + "/"))
+
+
+def _process_match(names: dict) -> Callable[[Process], bool]:
+    ppid, exe = names.get("ppid"), names.get("exe")
+
+    def match(p: Process) -> bool:
+        if ppid is not None and p.ppid != ppid:
+            return False
+        if exe is not None and (p.exe is None or (
+                p.exe != exe if "/" in exe else os.path.basename(p.exe) != exe)):
+            return False
+        return True
+    return match
 
 
 def _bound(ns: Optional[int], shift_ns: int) -> int:
@@ -78,7 +114,8 @@ class Monitor:
                  drop_privileges: bool = False, user: Optional[str] = None,
                  cgroup: Optional[str] = None, debug: bool = False,
                  dns_names: bool = False, names_capacity: int = DEFAULT_NAMES_CAPACITY,
-                 names_floor_seconds: int = DEFAULT_FLOOR_SECONDS):
+                 names_floor_seconds: int = DEFAULT_FLOOR_SECONDS,
+                 runtime_roots: Optional[Dict[str, List[str]]] = None):
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
         if capacity > MAX_CAPACITY:
@@ -114,6 +151,12 @@ class Monitor:
         self._dns_lock = threading.Lock()  # one reader of the DNS ring at a time
         self._dns_stop = threading.Event()
         self._dns_thread: Optional[threading.Thread] = None
+        # who connected: cgroup ids and pids named (see identity.py); runtime_roots:
+        # {runtime: [state directory, ...]} overriding identity.DEFAULT_RUNTIME_ROOTS
+        self.identity = Identity(host.cgroup2_root(), runtime_roots)
+        self._sweep_lock = threading.Lock()
+        self._sweeper: Optional[threading.Thread] = None
+        self._sweeping = threading.Event()
 
     # ---- lifecycle ----
 
@@ -201,6 +244,10 @@ class Monitor:
             self._dns_thread = threading.Thread(target=self._read_dns, name="netmon-dns",
                                                 daemon=True)
             self._dns_thread.start()
+        self._sweeping.set()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="netmon-identity",
+                                         daemon=True)
+        self._sweeper.start()
         self.started_at = time.monotonic()
         atexit.register(self.stop)
         log.debug("attached %s", ", ".join(probe.programs))
@@ -244,6 +291,8 @@ class Monitor:
                 self._dns_thread.join()
                 self._dns_thread = None
                 self.sync_names(probe)
+            self._sweeping.clear()
+            self._sweeper.join()
             probe.close()
             atexit.unregister(self.stop)
 
@@ -286,6 +335,49 @@ class Monitor:
         """Push one raw netmon_event through the store path the kernel callback uses."""
         self._store.push_raw(record)
 
+    # ---- who connected (see identity.py) ----
+
+    def _sweep_loop(self) -> None:
+        while self._sweeping.is_set():
+            try:
+                self.sweep()
+            except Exception:  # never let naming stop: events just go unnamed
+                log.exception("naming new records failed")
+            time.sleep(SWEEP_S)
+
+    def sweep(self) -> None:
+        """Name the processes and cgroups of the records that arrived since the last sweep:
+        per pid and per cgroup id, not per record. Runs every SWEEP_S and before queries."""
+        with self._sweep_lock:
+            last = self.identity.swept_seq
+            c = self._store.counters()
+            if c["last_seq"] <= last:
+                return
+            oldest = c["last_seq"] - c["size"] + 1
+            # one scan: each pid's newest record says its pid, time and cgroup (a process
+            # moved between cgroups within one sweep is named lazily for the older one)
+            rows, _, _ = self._store.latest_per_pid(1, after_seq=last)
+            self.identity.sweep(last + 1, c["last_seq"], [(r[3], r[1]) for r in rows],
+                                {r[2] for r in rows}, max(0, oldest - 1 - last))
+
+    def names_to_ids(self, names: dict) -> dict:
+        """Workload and process filters -> the store's cgroups / procs filters: the ids of
+        every known cgroup and the ranges of every known process they name (none: an empty
+        set, which matches nothing)."""
+        q: dict = {}
+        cgroup_sets = [set(self.identity.cgroup_ids(_workload_match(k, names[k])))
+                       for k in ("unit", "container", "pod", "namespace", "cgroup")
+                       if k in names]
+        if cgroup_sets:
+            q["cgroups"] = set.intersection(*cgroup_sets)
+        if "ppid" in names or "exe" in names:
+            q["procs"] = self.identity.process_ranges(_process_match(names))
+        for k, v in q.items():
+            if len(v) > _core.FILTER_IDS_MAX:
+                raise FilterError(k, f"names more than {_core.FILTER_IDS_MAX} "
+                                  f"{'cgroups' if k == 'cgroups' else 'processes'}; narrow it")
+        return q
+
     # ---- queries ----
 
     def _sync(self) -> None:
@@ -299,8 +391,14 @@ class Monitor:
         self.sync_names()
 
     def _args(self, where: Optional[Filter], filters: dict) -> dict:
-        """What the store matches on: the filters compiled, time bounds on its clock."""
-        q = _compiled(where, filters)
+        """What the store matches on: the filters compiled, workload and process names
+        turned into ids (after a sweep), time bounds on its clock."""
+        f = _compiled(where, filters)
+        q = f.store
+        if f.names:
+            self._sync()
+            self.sweep()
+            q = {**q, **self.names_to_ids(f.names)}
         return {**q, "since_ns": _bound(q["since_ns"], self._clock_shift_ns),
                 "until_ns": _bound(q["until_ns"], self._clock_shift_ns)}
 
@@ -314,7 +412,11 @@ class Monitor:
 
     def _events(self, rows) -> List[Event]:
         off = self.wall_offset_ns()
-        return [self._named(Event.from_row(r, off)) for r in rows]
+        ident = self.identity
+        if rows and max(r[0] for r in rows) > ident.swept_seq:  # came after the last sweep
+            self.sweep()
+        return [self._named(Event.from_row(r, off, who))
+                for r, who in zip(rows, ident.fields_of(rows))]
 
     def _named(self, ev: Event) -> Event:
         """ev with the destination name its DNS answers gave, if any."""
@@ -422,24 +524,54 @@ class Monitor:
         """([(the group's newest event, count, failed)], groups, matched): the largest
         groups by destination, command, pid, port, error (failed attempts only), service
         (destination port + command: with kind="accept", the local service and the
-        listener), client (source address: with kind="accept", the remote client) or
-        name (the destination name; one group of the events without one). By name, the
-        event's destination_name is the group's name (None: the unnamed group)."""
-        if by not in _core.TOP_BY:
-            raise FilterError("by", f"must be one of {', '.join(_core.TOP_BY)}")
+        listener), client (source address: with kind="accept", the remote client),
+        name (the destination name; one group of the events without one), cgroup (id),
+        unit, container, pod, namespace or exe. By name, the event's destination_name is
+        the group's name (None: the unnamed group). unit ... exe add up the store's groups
+        by cgroup id (exact: a cgroup has one name) or, for exe, by pid (exact unless a pid
+        was reused within the window: its events count under its newest process's exe)."""
+        if by not in TOP_BY:
+            raise FilterError("by", f"must be one of {', '.join(TOP_BY)}")
         self._sync()
         q, names = self._store_args(where, filters, by)
+        if by not in _core.TOP_BY:
+            return self._top_by_name(by, limit, q)
         rows, groups, matched = self._store.top(by, limit, **q)
-        off = self.wall_offset_ns()
         out = []
-        for r, n, failed in rows:
-            ev = self._named(Event.from_row(r, off))
+        for ev, (_, n, failed) in zip(self._events([r for r, _, _ in rows]), rows):
             if by == "name":  # the group's name, whatever the representative's answer
                 name = names.get(window_group(q["names"][0], ev))
                 if name != ev.destination_name:
                     ev = ev._replace(destination_name=name, destination_cname_chain=None)
             out.append((ev, n, failed))
         return out, groups, matched
+
+    def _top_by_name(self, by: str, limit: int, q: dict):
+        rows, _, matched = self._store.top("pid" if by == "exe" else "cgroup", 0, **q)
+        if rows and max(r[0] for r, _, _ in rows) > self.identity.swept_seq:
+            self.sweep()
+        ident, key_of = self.identity, NAME_TOP_BY.get(by)
+        groups: dict = {}  # key -> [newest row, count, failed]
+        for row, n, failed in rows:
+            if row[11] & _core.NETMON_F_NO_OWNER:  # an accept nobody is known to own
+                key = None
+            else:
+                key = (ident.process(row[3], row[0]).exe if by == "exe"
+                       else key_of(ident.workload(row[2])))
+            g = groups.get(key)
+            if g is None:
+                groups[key] = [row, n, failed]
+            else:
+                g[1] += n
+                g[2] += failed
+                if row[1] > g[0][1]:
+                    g[0] = row
+        ranked = sorted(groups.values(), key=lambda g: (-g[1], -g[0][1]))[:limit or None]
+        return self._top_events(ranked), len(groups), matched
+
+    def _top_events(self, rows) -> List[Tuple[Event, int, int]]:
+        evs = self._events([r for r, _, _ in rows])
+        return [(ev, n, failed) for ev, (_, n, failed) in zip(evs, rows)]
 
     def follow(self, after_seq: Optional[int] = None, timeout: Optional[float] = None,
                where: Optional[Filter] = None, hold: float = HOLD_SECONDS,
@@ -520,6 +652,7 @@ class Monitor:
             "missing_hooks": self.missing_hooks,
             "capabilities": privilege.held_capabilities(),
             "uptime_seconds": (time.monotonic() - self.started_at) if self.started_at else 0.0,
+            "identity": self.identity.stats(),
         }
 
     def inbound(self) -> Dict[str, int]:

@@ -11,6 +11,8 @@ from helpers import child_env, netmon_command, run_child
 from netmon import cli
 from netmon.cli import trace
 from netmon.event import Event
+from netmon.host import cgroup2_root
+from netmon.identity import parse_cgroup_path
 from netmon.testing import record, synthetic_monitor
 
 
@@ -47,17 +49,18 @@ def test_columns_line_up():
                       packets=3))
     lines = [trace.HEADER] + [trace.line(e) for e in mon.events(kind=None)]
     ends = [trace.HEADER.index(w) + len(w) for w in ("PID", "LATENCY")]  # right-aligned
+    root = "/" if cgroup2_root() else "-"  # cgroup id 1: the root cgroup, where mounted
     starts = [trace.HEADER.index(w) for w in ("COMMAND", "FAMILY", "SOURCE", "DESTINATION",
-                                              "PROTO", "RESULT")]
+                                              "PROTO", "RESULT", "WORKLOAD")]
     for ln in lines[1:]:
         assert all(ln[end - 1] != " " and ln[end] == " " for end in ends), ln
         assert all(ln[c - 1] == " " and ln[c] != " " for c in starts), ln
     assert lines[1].split() == [lines[1].split()[0], "4242", "curl", "inet", "-",
-                                "10.1.2.3:443", "TCP", "1.2ms", "ECONNREFUSED"]
+                                "10.1.2.3:443", "TCP", "1.2ms", "ECONNREFUSED", root]
     assert lines[2].split()[1:] == ["7", "busctl", "unix", "-", "/run/dbus/system_bus_socket",
-                                    "UNIX", "-", "ok"]
+                                    "UNIX", "-", "ok", root]
     assert lines[3].split()[1:] == ["123456", "dig", "inet6", "-", "[::1]:53", "UDP", "-",
-                                    "sent", "3"]
+                                    "sent", "3", root]
     ev = Event.from_row(mon._store.query(1, True)[0][0], mon.wall_offset_ns())
     assert trace.line(ev).split()[0] == ev.timestamp.strftime("%H:%M:%S.%f")
 
@@ -83,7 +86,7 @@ def test_result_column_says_what_happened():
     mon.inject(record(kind=3, sock_id=0xA0, outcome=3, ret=-111, latency_us=40, pid=0))
     mon.inject(record(kind=3, sock_id=0xB0, outcome=2, latency_us=50, pid=0))
     mon.inject(record(kind=3, sock_id=0xD0, outcome=3, ret=-110, latency_us=3_000_000, pid=0))
-    got = [trace.line(e).split()[-2:] for e in mon.events()]
+    got = [trace.line(e).split()[-3:-1] for e in mon.events()]  # before WORKLOAD
     assert got == [["40us", "ECONNREFUSED"], ["50us", "ok"], ["-", "pending"],
                    ["3.00s", "ETIMEDOUT"], ["-", "ENOENT"], ["-", "unknown"]]
 
@@ -133,13 +136,21 @@ def test_json_count_captures_real_connects(listener):
     assert err.splitlines()[-1].startswith("netmon trace: 4 shown;")
 
 
+def _own_workload():
+    """The WORKLOAD column of a child of ours: our cgroup's unit, else its path."""
+    with open("/proc/self/cgroup") as f:
+        path = next(ln[3:].strip() for ln in f if ln.startswith("0::"))
+    w = parse_cgroup_path(path)
+    return w.unit or w.cgroup
+
+
 @pytest.mark.bpf
 def test_columns_until_sigterm(listener):
     proc = start_trace("--port", str(listener), "--result", "ok")
     try:
         assert proc.stdout.readline().split() == ["TIME(UTC)", "PID", "COMMAND", "FAMILY",
                                                   "SOURCE", "DESTINATION", "PROTO", "LATENCY",
-                                                  "RESULT"]
+                                                  "RESULT", "WORKLOAD"]
         pid = connect_from_child("nm-trace-cols", [{"family": "inet",
                                                     "addr": ["127.0.0.1", listener],
                                                     "repeat": 2}])
@@ -150,7 +161,8 @@ def test_columns_until_sigterm(listener):
         proc.kill()
     for fields in lines:
         assert fields[1:4] + fields[5:7] + fields[8:] == [str(pid), "nm-trace-cols", "inet",
-                                                          f"127.0.0.1:{listener}", "TCP", "ok"]
+                                                          f"127.0.0.1:{listener}", "TCP", "ok",
+                                                          _own_workload()]
         assert fields[4].startswith("127.0.0.1:") and int(fields[4].split(":")[1]) > 0
         assert fields[7].endswith(("us", "ms"))  # the handshake's latency
     assert proc.returncode == 0 and out == ""
@@ -177,7 +189,7 @@ def test_curl_to_a_closed_port_shows_the_refusal(backend):
     header, line = out.splitlines()
     fields = line.split()
     assert fields[2:4] + fields[5:7] + fields[8:] == ["curl", "inet", f"127.0.0.1:{port}",
-                                                      "TCP", "ECONNREFUSED"]
+                                                      "TCP", "ECONNREFUSED", _own_workload()]
     assert fields[4] == "-"  # a refused connect's port is released before we see it
     assert fields[7].endswith(("us", "ms"))
     ev = json.loads(jout)

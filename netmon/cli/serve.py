@@ -126,7 +126,8 @@ def _build_monitor(args: argparse.Namespace) -> Monitor:
         return Monitor(capacity=args.capacity, ringbuf_bytes=args.ringbuf_size,
                        backend=args.backend, udp_sends=args.udp_sends,
                        dns_names=args.dns_names,
-                       drop_privileges=True, user=args.user, cgroup=args.cgroup)
+                       drop_privileges=True, user=args.user, cgroup=args.cgroup,
+                       runtime_roots=args.runtime_roots)
     except ValueError as e:
         raise Failure(f"{e} (see netmon --help)", EXIT_USAGE) from None
     except MemoryError as e:

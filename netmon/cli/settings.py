@@ -11,6 +11,7 @@ from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from .. import _core, logfmt
 from .._version import __version__
+from ..identity import DEFAULT_RUNTIME_ROOTS, RUNTIMES
 from ..logfmt import LOG_FORMATS
 from ..monitor import (
     BACKENDS,
@@ -124,6 +125,18 @@ def _one_of(choices: Sequence[str]) -> Callable[[str], str]:
     return parse
 
 
+def runtime_roots(text: str) -> dict:
+    """'containerd=/a:/b,docker=/c' -> {"containerd": ["/a", "/b"], "docker": ["/c"]}."""
+    out: dict = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, eq, dirs = item.partition("=")
+        if not eq or name not in RUNTIMES or not dirs:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not RUNTIME=DIR[:DIR...] with RUNTIME one of {', '.join(RUNTIMES)}")
+        out[name] = [d for d in dirs.split(":") if d]
+    return out
+
+
 backend = _one_of(BACKENDS)
 level = _one_of(LOG_LEVELS)
 log_format = _one_of(LOG_FORMATS)
@@ -175,6 +188,12 @@ SETTINGS = (
             "watch only the processes in this cgroup v2 directory and below it "
             "(a container, a systemd unit) instead of the whole host "
             "(env NETMON_CGROUP)", "PATH"),
+    Setting(("--runtime-roots",), "NETMON_RUNTIME_ROOTS", None, runtime_roots,
+            "where container runtimes keep their state, read for container, pod and "
+            "namespace names: RUNTIME=DIR[:DIR],... (a DaemonSet mounts the host's there); "
+            "runtimes not named keep their defaults: " + ", ".join(
+                f"{k}={':'.join(v)}" for k, v in DEFAULT_RUNTIME_ROOTS.items())
+            + " (env NETMON_RUNTIME_ROOTS)", "ROOTS"),
     Setting(("--log-level",), "NETMON_LOG_LEVEL", "info", level,
             f"one of {', '.join(LOG_LEVELS)} (default info; env NETMON_LOG_LEVEL)", "LEVEL"),
     Setting(("--log-format",), "NETMON_LOG_FORMAT", "text", log_format,

@@ -19,7 +19,7 @@ from ..event import Event
 from ..filters import FAMILY_NAMES, FILTER_NAMES, FilterError, compile_filter
 from ..monitor import HOLD_SECONDS, Monitor, MonitorError
 from ..names import visible
-from .settings import Failure, Parser, UsageError, backend, count, run_command
+from .settings import Failure, Parser, UsageError, backend, count, run_command, runtime_roots
 
 PROG = "netmon trace"
 SUMMARY = "print connects as they happen, no server"
@@ -29,9 +29,9 @@ PARSER = dict(description="Print every connect() on this host as it happens (no 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 CAPACITY = 65536  # the store only has to hold what the printer has not reached yet
 FAMILIES = {v: k for k, v in FAMILY_NAMES.items()}
-LINE = "{:<15}  {:>7}  {:<15}  {:<6}  {:<21}  {:<28}  {:<5}  {:>8}  {}"
+LINE = "{:<15}  {:>7}  {:<15}  {:<6}  {:<21}  {:<28}  {:<5}  {:>8}  {:<15}  {}"
 HEADER = LINE.format("TIME(UTC)", "PID", "COMMAND", "FAMILY", "SOURCE", "DESTINATION", "PROTO",
-                     "LATENCY", "RESULT")
+                     "LATENCY", "RESULT", "WORKLOAD")
 
 
 def _number(text: str):
@@ -56,6 +56,16 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--numeric", action="store_true",
                    help="print IP addresses, not the destination names DNS answers gave "
                         "(and do not watch DNS answers unless --name asks for a name)")
+    p.add_argument("--unit", help="only this systemd unit (nginx.service)")
+    p.add_argument("--container", help="only this container (id prefix or name)")
+    p.add_argument("--pod", help="only this pod (name or uid)")
+    p.add_argument("--namespace", help="only pods in this Kubernetes namespace")
+    p.add_argument("--cgroup", help="only cgroups under this path (/system.slice)")
+    p.add_argument("--ppid", type=_number, help="only children of this process")
+    p.add_argument("--exe", help="only this executable (a path, or a file name)")
+    p.add_argument("--runtime-roots", type=runtime_roots, metavar="ROOTS",
+                   help="container runtimes' state directories, as netmon serve's "
+                        "(env NETMON_RUNTIME_ROOTS)")
     p.add_argument("--kind", default="connect",
                    help="connect (default), udp_send, accept (TCP connections a listener "
                         "here completed: SOURCE is the client) or all (udp_send needs the "
@@ -80,8 +90,12 @@ def finish(args: argparse.Namespace, environ: Mapping[str, str]) -> argparse.Nam
     filters = {k: getattr(args, k) for k in FILTER_NAMES if getattr(args, k) is not None}
     try:
         args.where = compile_filter(**filters)
+        if args.runtime_roots is None:
+            args.runtime_roots = runtime_roots(environ.get("NETMON_RUNTIME_ROOTS", ""))
     except FilterError as e:
         raise UsageError(str(e)) from None
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"environment variable NETMON_RUNTIME_ROOTS: {e}") from None
     return args
 
 
@@ -122,7 +136,18 @@ def line(ev: Event, numeric: bool = False) -> str:
                        "-" if ev.pid is None else ev.pid, visible(ev.command or "-"),
                        FAMILIES.get(ev.family, str(ev.family)), _source(ev),
                        visible(_destination(ev, numeric)), ev.protocol or "-",
-                       latency(ev.latency_us), result)
+                       latency(ev.latency_us), result,
+                       visible(workload(ev)))
+
+
+def workload(ev: Event) -> str:
+    """Who, in a word: namespace/pod/container, a container, else the unit or cgroup."""
+    container = ev.container_name or (ev.container_id or "")[:12]
+    if ev.pod_name or ev.pod_uid:
+        return f"{ev.pod_namespace or '-'}/{ev.pod_name or ev.pod_uid}/{container or '-'}"
+    if container:
+        return f"{ev.container_runtime or 'container'}:{container}"
+    return ev.unit or ev.cgroup or "-"
 
 
 def _interrupt(*_):
@@ -168,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
 def _start(args: argparse.Namespace) -> Monitor:
     monitor = Monitor(capacity=CAPACITY, backend=args.backend,
                       udp_sends=args.kind in ("udp_send", "all"),
-                      dns_names=not args.numeric or args.name is not None)
+                      dns_names=not args.numeric or args.name is not None,
+                      runtime_roots=args.runtime_roots)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         monitor.start()

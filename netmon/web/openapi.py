@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .. import __version__
 from ..filters import FAMILY_NAMES, FILTER_NAMES
+from ..monitor import TOP_BY
 from .base import App
 from .limits import (
     MAX_ANSWER_EVENTS,
@@ -84,7 +85,17 @@ EVENT = _obj(
                             "this network namespace; null otherwise (never reverse DNS)"}),
     destination_cname_chain=_null({"type": "array", "items": STR, "description":
                                    "the CNAMEs the answer went through, in order; null "
-                                   "when it had none"}))
+                                   "when it had none"}),
+    cgroup=_null({**STR, "description": "cgroup v2 path from the cgroup2 root; null if the "
+                                        "cgroup was gone before netmon saw it"}),
+    unit=_null({**STR, "description": "systemd unit (nginx.service, session-3.scope)"}),
+    container_runtime=_null({"enum": ["docker", "containerd", "cri-o", "podman"]}),
+    container_id=_null(STR), container_name=_null(STR),
+    pod_uid=_null(STR), pod_qos=_null({"enum": ["guaranteed", "burstable", "besteffort"]}),
+    pod_name=_null(STR), pod_namespace=_null(STR),
+    ppid=_null({**INT, "description": "parent pid when netmon first saw the process"}),
+    exe=_null({**STR, "description": "the executable's path; null if the process exited "
+                                     "before netmon saw it"}))
 
 FILTER_SCHEMA = {"type": "object", "description": "the filters as understood: names "
                  "normalised, times absolute, networks canonical",
@@ -92,7 +103,9 @@ FILTER_SCHEMA = {"type": "object", "description": "the filters as understood: na
                      "kind": {"enum": ["connect", "udp_send", "accept", "all"]},
                      "pid": INT, "command": STR, "family": STR, "protocol": STR, "port": INT,
                      "dest": STR, "result": STR, "src": STR, "sport": INT, "since": STR,
-                     "until": STR, "after": INT, "name": STR, "limit": INT}}
+                     "until": STR, "after": INT, "name": STR, "limit": INT,
+                     "unit": STR, "container": STR, "pod": STR, "namespace": STR,
+                     "cgroup": STR, "ppid": INT, "exe": STR}}
 
 STATS = _obj(
     ("captured", "delivered", "dropped", "dropped_total", "evicted", "size", "capacity",
@@ -142,14 +155,21 @@ STATS = _obj(
                  dropped={"type": "object", "additionalProperties": INT,
                           "description": "events never sent: queue_full, evicted, rejected"},
                  queued=INT, endpoint=STR),
-          "description": "present while the OTLP event exporter runs"})
+          "description": "present while the OTLP event exporter runs"},
+    identity={"type": "object", "description": "who-connected caches: cgroups and "
+              "processes held, and what they could not keep or find (evicted, not found, "
+              "records overwritten before a sweep named them)", "additionalProperties": INT})
 
 TOP_ENTRY = _obj(("count", "failed", "last_seen"), count=INT, failed=INT, last_seen=TIME,
                  destination=_null(STR), command=_null(STR), pid=_null(INT), port=_null(INT),
                  source_ip=_null(STR),
                  service=_null(STR), error=_null(STR), return_code=_null({"type": "integer"}),
                  name=_null({**STR, "description": "by=name: the destination name; null "
-                                                   "groups the events without one"}))
+                                                   "groups the events without one"}),
+                 cgroup_id=_null(INT), cgroup=_null(STR), unit=_null(STR),
+                 container_runtime=_null(STR), container_id=_null(STR),
+                 container_name=_null(STR), pod_uid=_null(STR), pod_name=_null(STR),
+                 pod_namespace=_null(STR), pod_qos=_null(STR), exe=_null(STR))
 
 HEALTH = _obj(("status", "service", "version", "uptime_seconds", "events_captured",
                "events_dropped", "events_evicted", "backend"),
@@ -180,6 +200,16 @@ PARAMETERS = {
                   "client); only events whose source is known match", {"type": "string"}),
     "sport": _param("sport", "source port (a connect's local port, an accept's client "
                     "port)", {"type": "integer", "minimum": 1, "maximum": 65535}),
+    "unit": _param("unit", "only this systemd unit (nginx.service); an unknown one matches "
+                   "nothing", STR),
+    "container": _param("container", "only this container: an id prefix or its name", STR),
+    "pod": _param("pod", "only this Kubernetes pod: its name or uid", STR),
+    "namespace": _param("namespace", "only pods in this Kubernetes namespace", STR),
+    "cgroup": _param("cgroup", "only cgroups at or under this path from the cgroup2 root "
+                     "(/system.slice)", {"type": "string", "pattern": "^/"}),
+    "ppid": _param("ppid", "only processes whose parent is this pid",
+                   {"type": "integer", "minimum": 0, "maximum": MAX_PID}),
+    "exe": _param("exe", "only this executable: a path (/usr/bin/curl) or a file name", STR),
     "since": _param("since", "RFC 3339 instant, or an age like 300s, 5m, 2h", STR),
     "until": _param("until", "RFC 3339 instant, or an age like 300s, 5m, 2h", STR),
     "name": _param("name", "a destination name (api.example.com), or *.example.com for any "
@@ -306,9 +336,8 @@ SPEC = {
                 _param("by", "what to group by (default destination); error groups failed "
                        "attempts only; service (port + command) and client (source "
                        "address) are for kind=accept; name (needs --dns-names) groups "
-                       "by destination name",
-                       {"enum": ["destination", "command", "pid", "port", "error", "service",
-                                 "client", "name"]}),
+                       "by destination name; cgroup, unit, container, pod, namespace and "
+                       "exe group by who connected", {"enum": list(TOP_BY)}),
                 _param("duration", "seconds back (default 60)",
                        {"type": "integer", "minimum": 1, "maximum": MAX_DURATION}),
                 _param("limit", "groups (default 10)",
@@ -321,7 +350,11 @@ SPEC = {
                                        "description": "largest first; each entry carries "
                                        "its key (destination, command, pid and command, "
                                        "port and service, error and return_code, port and "
-                                       "command and service, source_ip, or name)"},
+                                       "command and service, source_ip, name, cgroup_id "
+                                       "and cgroup, unit, the container's runtime, id and "
+                                       "names, the pod's uid, name, namespace and QoS "
+                                       "class, pod_namespace, or exe); null is the group "
+                                       "of events without one"},
                                   groups=INT, matched=INT, filters=FILTER_SCHEMA),
                              "the largest groups"),
                 "400": ERROR}}},

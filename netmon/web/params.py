@@ -16,7 +16,7 @@ from ..filters import FILTER_NAMES, Filter, FilterError, compile_filter, parse_t
 from .limits import MAX_BODY_BYTES
 
 JSON_MSG = "invalid JSON request body"
-NUMERIC = {"pid", "port", "sport", "after", "limit", "duration"}  # decimal text becomes an int
+NUMERIC = {"pid", "ppid", "port", "sport", "after", "limit", "duration"}  # decimal text: int
 _MIN_TIME = _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
 
 

@@ -1,6 +1,6 @@
-"""GET /api/top: the largest groups (by destination, command, pid, port, error, or for
-accepts service (local port + listener command) and client (remote address)) of the last
-`duration` seconds."""
+"""GET /api/top: the largest groups (by destination, command, pid, port, error, for
+accepts service (local port + listener command) and client (remote address), or who
+connected: cgroup, unit, container, pod, namespace, exe) of the last `duration` seconds."""
 from __future__ import annotations
 
 from ..event import rfc3339
@@ -21,7 +21,17 @@ def _top_entry(by: str, ev, count: int, failed: int) -> dict:
            "error": {"error": ev.error, "return_code": ev.return_code},
            "service": {"port": ev.port, "command": ev.command, "service": ev.service},
            "client": {"source_ip": ev.source_ip},
-           "name": {"name": ev.destination_name}}[by]
+           "name": {"name": ev.destination_name},
+           "cgroup": {"cgroup_id": ev.cgroup_id, "cgroup": ev.cgroup},
+           "unit": {"unit": ev.unit},
+           "container": {"container_runtime": ev.container_runtime,
+                         "container_id": ev.container_id,
+                         "container_name": ev.container_name, "pod_name": ev.pod_name,
+                         "pod_namespace": ev.pod_namespace},
+           "pod": {"pod_uid": ev.pod_uid, "pod_name": ev.pod_name,
+                   "pod_namespace": ev.pod_namespace, "pod_qos": ev.pod_qos},
+           "namespace": {"pod_namespace": ev.pod_namespace},
+           "exe": {"exe": ev.exe}}[by]
     return {**key, "count": count, "failed": failed, "last_seen": rfc3339(ev.timestamp)}
 
 
