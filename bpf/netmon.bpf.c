@@ -321,8 +321,26 @@ int netmon_connect_exit(struct trace_event_raw_sys_exit *ctx)
 	return 0;
 }
 
-/* listen() (the caller's context): remember who owns (netns, port); the listener's close:
- * forget it; a child's SYN_RECV -> ESTABLISHED (softirq): one accept event */
+/* listen(), in the caller's context: remember who owns (netns, port) */
+static __always_inline void remember_listener(__u64 skp, struct netmon_listener_key *k)
+{
+	struct netmon_listener v = {};
+	__u64 id = bpf_get_current_pid_tgid();
+
+	if (out_of_scope())
+		return;
+	v.sk = skp;
+	v.cgroup_id = bpf_get_current_cgroup_id();
+	v.pid = id >> 32;
+	v.tid = (__u32)id;
+	v.uid = (__u32)bpf_get_current_uid_gid();
+	bpf_get_current_comm(v.comm, sizeof(v.comm));
+	if (bpf_map_update_elem(&listeners, k, &v, BPF_ANY))
+		count_inbound(NETMON_INBOUND_LISTENERS_FULL);
+}
+
+/* listen(): remember the owner; the listener's close: forget it; a child's SYN_RECV ->
+ * ESTABLISHED (softirq): one accept event */
 static __always_inline int tcp_inbound(__u64 skp, int oldstate, int newstate)
 {
 	struct sock *sk = (struct sock *)skp;
@@ -333,19 +351,7 @@ static __always_inline int tcp_inbound(__u64 skp, int oldstate, int newstate)
 	k.net_ns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
 	k.port = BPF_CORE_READ(sk, __sk_common.skc_num);
 	if (newstate == TCP_LISTEN) {
-		struct netmon_listener v = {};
-		__u64 id = bpf_get_current_pid_tgid();
-
-		if (out_of_scope())
-			return 0;
-		v.sk = skp;
-		v.cgroup_id = bpf_get_current_cgroup_id();
-		v.pid = id >> 32;
-		v.tid = (__u32)id;
-		v.uid = (__u32)bpf_get_current_uid_gid();
-		bpf_get_current_comm(v.comm, sizeof(v.comm));
-		if (bpf_map_update_elem(&listeners, &k, &v, BPF_ANY))
-			count_inbound(NETMON_INBOUND_LISTENERS_FULL);
+		remember_listener(skp, &k);
 		return 0;
 	}
 	o = bpf_map_lookup_elem(&listeners, &k);
