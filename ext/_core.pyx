@@ -335,6 +335,18 @@ cdef list _rows(nm_hit *hits, uint64_t n):
     return out
 
 
+cdef int _prefix(tuple value, uint8_t *family, uint8_t *length, uint8_t *buf, size_t cap,
+                 str name) except -1:
+    """A (family, address bytes, prefix length) filter value into its nm_filter fields."""
+    fam, addr, n = value
+    if len(addr) > cap:
+        raise ValueError(f"{name} longer than a record holds")
+    family[0] = fam
+    length[0] = n
+    memcpy(buf, <char *>addr, len(addr))
+    return 0
+
+
 cdef class Store:
     """Fixed-capacity ring of records; see ext/store.h. Rows are tuples:
     (seq, ts_ns, cgroup_id, pid, tid, uid, ret, family, port, sock_type, protocol, flags,
@@ -435,21 +447,11 @@ cdef class Store:
             f.mask |= NM_Q_KIND
             f.kind = kind
         if dest is not None:
-            dfam, daddr, dlen = dest
-            if len(daddr) > NETMON_ADDR_LEN:
-                raise ValueError("dest longer than a record holds")
+            _prefix(dest, &f.dest_family, &f.dest_len, f.dest, NETMON_ADDR_LEN, "dest")
             f.mask |= NM_Q_DEST
-            f.dest_family = dfam
-            f.dest_len = dlen
-            memcpy(f.dest, <char *>daddr, len(daddr))
         if src is not None:
-            sfam, saddr, slen = src
-            if len(saddr) > 16:
-                raise ValueError("src longer than an IPv6 address")
+            _prefix(src, &f.src_family, &f.src_len, f.src, 16, "src")
             f.mask |= NM_Q_SRC
-            f.src_family = sfam
-            f.src_len = slen
-            memcpy(f.src, <char *>saddr, len(saddr))
         if sport is not None:
             f.mask |= NM_Q_SPORT
             f.sport = sport
