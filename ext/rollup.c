@@ -224,6 +224,23 @@ void nm_roll_add(struct nm_rollup *r, struct nm_bucket *b, uint64_t seq,
 	}
 }
 
+void nm_roll_repeat(struct nm_bucket *b, uint64_t seq, int failed)
+{
+	b->connects++;
+	b->failed += failed;
+	for (int k = 0; k < NM_RK_N; k++) {
+		struct nm_rtab *t = &b->t[k];
+		struct nm_rent *e;
+
+		if (!t->cap) /* given up (the last record's nm_roll_add made room or this) */
+			continue;
+		e = slot(t, k, t->last);
+		e->last_seq = seq;
+		e->count++;
+		e->failed += failed;
+	}
+}
+
 void nm_roll_failed(struct nm_rollup *r, uint64_t seq,
 		    const uint8_t keys[NM_RK_N][NM_RK_KEY_MAX], const uint32_t klen[NM_RK_N],
 		    int delta)

@@ -64,6 +64,9 @@ static inline struct nm_bucket *nm_roll_at(const struct nm_rollup *r, uint64_t i
 
 /* the bucket record `seq` (just pushed, stamped ts) goes to, opened if its second is new */
 struct nm_bucket *nm_roll_bucket(struct nm_rollup *r, uint64_t seq, uint64_t ts);
+/* count a record whose keys equal those of the last one nm_roll_add counted in b: into
+ * the entries that one used, without building or hashing keys */
+void nm_roll_repeat(struct nm_bucket *b, uint64_t seq, int failed);
 /* count one connect attempt of bucket b: keys[k] (klen[k] bytes) in table k */
 void nm_roll_add(struct nm_rollup *r, struct nm_bucket *b, uint64_t seq,
 		 const uint8_t keys[NM_RK_N][NM_RK_KEY_MAX], const uint32_t klen[NM_RK_N],

@@ -88,6 +88,14 @@ struct nm_store {
 	struct nm_attempt attempts[NM_ATTEMPT_SLOTS];
 	uint64_t attempts_other;          /* attempts whose key found no free slot */
 	struct nm_rollup roll;            /* per-second counts: see rollup.h */
+	struct nm_roll_last {             /* the rollup keys' fields of the last connect */
+		uint64_t bucket;          /* 1 + the bucket id it went to; 0: none */
+		uint32_t pid;
+		uint16_t family, port;
+		uint8_t addr_len;         /* as recorded; addr holds that many bytes (max 48) */
+		char comm[NETMON_COMM_LEN];
+		uint8_t addr[NETMON_ADDR_LEN];
+	} roll_last;
 	int use_rollups;                  /* 0: every query scans (tests compare both) */
 	/* TCP handshakes the kernel timed, counted as each outcome record arrives (joined
 	 * to its connect or not): [0] established, [1] failed; per latency bucket (not

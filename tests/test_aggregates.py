@@ -257,3 +257,38 @@ def test_rollups_beyond_the_buckets_kept_are_scanned():
                          ("top", ("command", 3), q))
         assert got == want
     assert st.count(kind=CONNECT) == 4500
+
+
+def test_rollups_equal_scans_with_runs_of_one_key():
+    """A process connecting to one place in a loop: runs of records with the same keys
+    (counted into the entries the run's first one found) across second boundaries, with
+    refused ones and TCP outcomes turning some failed after they were counted."""
+    m = synthetic_monitor(4096)
+    base = now_ns() // SEC * SEC - 30 * SEC
+    for i in range(800):
+        k = i // 13  # runs of 13 (and shorter ones where a second starts)
+        m.inject(record(pid=500 + k % 3, comm=f"l{k % 2}", ip=f"10.7.0.{k % 5}",
+                        port=80 + k % 2, sock_id=(1 + i) << 8, ret=-111 if i % 7 == 0 else -115,
+                        flags=0, outcome=1, ts_ns=base + i * SEC // 40))
+    for i in range(0, 800, 5):
+        m.inject(record(kind=3, sock_id=(1 + i) << 8, outcome=3 if i % 2 else 2,
+                        ret=-111 if i % 2 else 0))
+    assert_rollups_equal_scans(m, base, 20, pids=(501,), comms=("l0",))
+
+
+def test_rollups_runs_of_one_key_in_a_given_up_table():
+    """Repeated destinations past the memory bound: the destination table is given up
+    and its repeats are not counted into anything stale."""
+    m = synthetic_monitor(131072)  # bound 4 MiB: 65,536 destinations in one second exceed it
+    base = now_ns() // SEC * SEC - 10 * SEC
+    for i in range(131072):
+        j = i >> 1
+        m.inject(record(pid=400 + i // 7 % 5, ip=f"10.{j >> 16}.{j >> 8 & 255}.{j & 255}",
+                        ts_ns=base + i * (SEC // 131072)))
+    assert m._store.counters()["rollup_tables_given_up"] > 0
+    st = m._store
+    for since in (None, base + SEC // 3):
+        q = dict(kind=CONNECT, since_ns=since)
+        got, want = both(st, ("top", ("destination", 3), q), ("count", (), {"pid": 401, **q}),
+                         ("top", ("pid", 9), q), ("top", ("command", 2), q))
+        assert got == want
