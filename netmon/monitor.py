@@ -392,11 +392,10 @@ class Monitor:
 
     def _args(self, where: Optional[Filter], filters: dict) -> dict:
         """What the store matches on: the filters compiled, workload and process names
-        turned into ids (after a sweep), time bounds on its clock."""
+        turned into ids (after a sweep), time bounds on its clock. Callers _sync first."""
         f = _compiled(where, filters)
         q = f.store
         if f.names:
-            self._sync()
             self.sweep()
             q = {**q, **self.names_to_ids(f.names)}
         return {**q, "since_ns": _bound(q["since_ns"], self._clock_shift_ns),
