@@ -146,6 +146,8 @@ def test_response_shape_and_filters_as_understood(app):
     ("kind=tcp", "kind"), ("limit=0", "limit"), ("limit=10001", "limit"),
     ("limit=x", "limit"), ("after=-5", "after"), ("after=x", "after"),
     ("after=99999999999999999999", "after"), ("pid=1&pid=2", "pid"),
+    ("src=10.0.0.0/33", "src"), ("src=/run/x", "src"), ("sport=0", "sport"),
+    ("sport=65536", "sport"), ("kind=accepted", "kind"),
 ])
 def test_bad_parameter_is_a_400_naming_it(app, query, param):
     reply = call(app, "GET", "/api/events", query=query)
