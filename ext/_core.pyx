@@ -108,6 +108,9 @@ cdef extern from "store.h" nogil:
         uint64_t roll_buckets
         uint64_t roll_bytes
         uint64_t roll_given_up
+        uint64_t runs
+        uint64_t tail_cgroup
+        uint64_t tail_pid
     nm_counters nm_store_counters(nm_store *s)
     enum:
         NM_LAT_BUCKETS
@@ -383,7 +386,8 @@ cdef class Store:
                 "accepts": c.accepts,
                 "oldest_ts_ns": c.oldest_ts if c.size else None, "last_seq": c.head,
                 "rollup_buckets": c.roll_buckets, "rollup_bytes": c.roll_bytes,
-                "rollup_tables_given_up": c.roll_given_up}
+                "rollup_tables_given_up": c.roll_given_up,
+                "runs": c.runs, "tail": (c.tail_pid, c.tail_cgroup)}
 
     @property
     def use_rollups(self):

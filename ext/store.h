@@ -83,6 +83,12 @@ struct nm_store {
 	uint64_t unmatched; /* TCP outcomes whose connect event was never seen / gone */
 	uint64_t in_flight; /* TCP attempts waiting for their outcome: not counted yet */
 	uint64_t accepts;   /* accept events ever pushed (monotonic, for metrics) */
+	/* runs of records from one (pid, cgroup): a new run starts whenever a record's pid or
+	 * cgroup id differs from the one before it. A sweep naming processes that finds the
+	 * count unchanged knows every newer record is the last one's process, unread. */
+	uint64_t runs;
+	uint64_t tail_cgroup;
+	uint32_t tail_pid;
 	struct nm_join *waiting;          /* sock_id -> connect event awaiting its outcome */
 	struct netmon_event *early;       /* sock_id -> outcome that came before its connect */
 	struct nm_attempt attempts[NM_ATTEMPT_SLOTS];
@@ -229,6 +235,7 @@ struct nm_counters {
 	uint64_t evicted, malformed, unmatched, in_flight, accepts; /* as in struct nm_store */
 	uint64_t oldest_ts; /* ts_ns of the oldest record held; 0 if none */
 	uint64_t roll_buckets, roll_bytes, roll_given_up; /* as in struct nm_rollup */
+	uint64_t runs, tail_cgroup, tail_pid; /* as in struct nm_store */
 };
 
 struct nm_counters nm_store_counters(struct nm_store *s);

@@ -20,7 +20,10 @@ pod (uid, QoS class, name, namespace), and the process's parent pid and executab
   same pid) before the sweep that follows its connect (~10 ms plus the ring buffer's
   batching) gets ppid and exe null; exe is the executable when the sweep saw the process
   (after an exec, the new one). Bounded: past MAX_PROCESSES the least recently seen pid
-  goes, counted.
+  goes, counted. The process a sweep read is then watched through a pidfd (up to
+  MAX_WATCHED): while it has not exited, its pid cannot name anyone else, so a later
+  sweep that finds only that pid again needs no /proc read (which cost ~40 us a pid and
+  sweep on a busy host, a quarter of netmon's CPU under a connect loop).
 
 Never the command line: it carries secrets.
 """
@@ -32,6 +35,7 @@ import ctypes.util
 import json
 import os
 import re
+import select
 import threading
 import time
 from collections import OrderedDict
@@ -42,6 +46,7 @@ from .host import effective_caps
 CAP_DAC_READ_SEARCH = 2
 MAX_CGROUPS = 65536
 MAX_PROCESSES = 65536
+MAX_WATCHED = 256  # live processes watched through a pidfd between sweeps
 MISS_RETRY_S = 1.0  # an id no walk found is looked for again after this long
 SEQ_END = 2**64 - 1
 _TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
@@ -260,6 +265,9 @@ def read_process(pid: int, known: Optional[int] = None
     return start, ppid, exe
 
 
+_READ_PROC = read_process
+
+
 class _Proc(NamedTuple):
     lo_seq: int  # the first sequence number this entry covers
     start: Optional[int]  # clock ticks since boot; None: not known (exited before a sweep)
@@ -279,6 +287,11 @@ class Identity:
         self._cgroups: "OrderedDict[int, Workload]" = OrderedDict()
         self._misses: Dict[int, float] = {}  # id -> monotonic time no walk found it
         self._procs: "OrderedDict[int, List[_Proc]]" = OrderedDict()
+        # pid -> (pidfd, start) of a process a sweep read and that had not exited since
+        self._watched: "OrderedDict[int, Tuple[int, int]]" = OrderedDict()
+        self._exits = select.poll()  # the watched pidfds: readable once a process exits
+        # until close(); pidfds speak of real processes: not with another read_process
+        self._watching = read_process is _READ_PROC and hasattr(os, "pidfd_open")
         self._by_handle = True  # until open_by_handle_at says EPERM
         self.swept_seq = 0  # every record up to this one has been swept
         self.counters = {"cgroups_evicted": 0, "processes_evicted": 0,
@@ -390,15 +403,73 @@ class Identity:
         newest one among them, cgroup_ids every cgroup id among them; `unswept` records
         before lo_seq were overwritten before a sweep saw them."""
         self.resolve_cgroups(cgroup_ids)
-        # every pid's start time is read again (a few us): nothing cheaper says reliably
-        # that a pid was not handed out again since (ns_last_pid can be rewound)
-        seen = [(pid, ts, self._read_process(pid, self._known_start(pid)))
-                for pid, ts in newest_per_pid]
+        exited = self._exited()
+        seen, same = [], []
+        for pid, ts in newest_per_pid:
+            w = self._watched.get(pid)
+            if w and pid not in exited and self._known_start(pid) == w[1]:
+                same.append(pid)  # its last entry's process, alive all along
+            else:  # read again: the pid may have been handed out since (ns_last_pid
+                # can be rewound), and nothing else says reliably that it was not
+                seen.append((pid, ts, self._read_and_watch(pid)))
         with self._lock:
             self.counters["records_unswept"] += unswept
+            for pid in same:
+                self._procs.move_to_end(pid)
             for pid, ts, proc in seen:
                 self._note(pid, ts, proc, lo_seq)
             self.swept_seq = max(self.swept_seq, hi_seq)
+
+    def still(self, pid: int, cgid: int, hi_seq: int) -> bool:
+        """If pid's process is the one its last entry names, watched and alive, and its
+        cgroup known: records up to hi_seq of pid alone (the store's runs say so) are
+        swept with nothing to read."""
+        w = self._watched.get(pid)
+        if not w or self._known_start(pid) != w[1] or cgid not in self._cgroups or \
+                self._exited():
+            return False
+        with self._lock:
+            self._procs.move_to_end(pid)
+            self.swept_seq = max(self.swept_seq, hi_seq)
+        return True
+
+    def _exited(self) -> set:
+        """The watched pids whose process has exited (no longer watched)."""
+        fds = {fd for fd, _ in self._exits.poll(0)}
+        gone = {pid for pid, (fd, _) in self._watched.items() if fd in fds} if fds else set()
+        for pid in gone:
+            self._unwatch(pid)
+        return gone
+
+    def _read_and_watch(self, pid: int):
+        """read_process, and a pidfd on the process read (opened first: if the process
+        exits in between, the pidfd says so and the next sweep reads again)."""
+        self._unwatch(pid)
+        try:
+            fd = os.pidfd_open(pid) if self._watching else None
+        except OSError:  # gone, or no pidfds here (seccomp, an old kernel)
+            fd = None
+        proc = self._read_process(pid, self._known_start(pid))
+        if fd is not None and proc is None:
+            os.close(fd)
+        elif fd is not None:
+            self._watched[pid] = (fd, proc[0])
+            self._exits.register(fd, select.POLLIN)
+            if len(self._watched) > MAX_WATCHED:
+                self._unwatch(next(iter(self._watched)))
+        return proc
+
+    def _unwatch(self, pid: int) -> None:
+        w = self._watched.pop(pid, None)
+        if w:
+            self._exits.unregister(w[0])
+            os.close(w[0])
+
+    def close(self) -> None:
+        """Stop watching processes (their pidfds are closed); sweeps read /proc again."""
+        self._watching = False
+        for pid in list(self._watched):
+            self._unwatch(pid)
 
     def _known_start(self, pid: int) -> Optional[int]:
         entries = self._procs.get(pid)

@@ -157,6 +157,7 @@ class Monitor:
         self._sweep_lock = threading.Lock()
         self._sweeper: Optional[threading.Thread] = None
         self._sweeping = threading.Event()
+        self._swept_runs = -1  # the store's runs counter when the last sweep began
 
     # ---- lifecycle ----
 
@@ -293,6 +294,7 @@ class Monitor:
                 self.sync_names(probe)
             self._sweeping.clear()
             self._sweeper.join()
+            self.identity.close()
             probe.close()
             atexit.unregister(self.stop)
 
@@ -353,6 +355,9 @@ class Monitor:
             c = self._store.counters()
             if c["last_seq"] <= last:
                 return
+            runs, self._swept_runs = self._swept_runs, c["runs"]
+            if runs == c["runs"] and self.identity.still(*c["tail"], c["last_seq"]):
+                return  # all newer records: the last one's process, alive all along
             oldest = c["last_seq"] - c["size"] + 1
             # one scan: each pid's newest record says its pid, time and cgroup (a process
             # moved between cgroups within one sweep is named lazily for the older one)

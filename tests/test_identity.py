@@ -23,6 +23,7 @@ from netmon.web import make_app
 
 HEX = "0123456789abcdef" * 4
 UID = "8d2e3f4a-1b2c-4d5e-9f00-aabbccddeeff"
+SLEEP = os.path.realpath(shutil.which("sleep"))
 
 
 # ---- paths (no kernel) ----
@@ -77,6 +78,63 @@ def test_a_reused_pid_never_inherits_another_process_identity():
     # the ranges a filter hands the store: A's records only, B's only
     assert ident.process_ranges(lambda p: p.exe == "/usr/bin/a") == [(42, 1, 2)]
     assert ident.process_ranges(lambda p: p.ppid == 7) == [(42, 4, 2**64 - 1)]
+
+
+def _counting_reads(ident):
+    reads = []
+    real = ident._read_process
+
+    def read(pid, known=None):
+        reads.append(pid)
+        return real(pid, known)
+    ident._read_process = read
+    return reads
+
+
+def test_a_live_process_is_read_once_then_watched_until_it_exits():
+    ident = Identity(None)
+    reads = _counting_reads(ident)
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        now = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        ident.sweep(1, 1, [(child.pid, now)], [])
+        ident.sweep(2, 3, [(child.pid, now)], [])  # alive all along: nothing read
+        assert reads == [child.pid]
+        assert ident.process(child.pid, 3) == Process(os.getpid(), SLEEP)
+    finally:
+        child.kill()
+        child.wait()
+    ident.sweep(4, 4, [(child.pid, now)], [])  # exited: read again, and gone
+    assert reads == [child.pid, child.pid]
+    assert [ident.process(child.pid, s) for s in (3, 4)] == [
+        Process(os.getpid(), SLEEP), Process(None, None)]
+    ident.close()
+
+
+def test_sweeps_of_one_process_runs_read_nothing_until_another_pid_comes():
+    mon = Monitor(capacity=64)
+    reads = _counting_reads(mon.identity)
+    me = (os.getpid(), os.path.realpath(sys.executable))
+    for _ in range(3):
+        mon.inject(record(pid=me[0]))
+    mon.sweep()
+    for _ in range(3):
+        mon.inject(record(pid=me[0]))
+    mon.sweep()  # the same run of records: no read
+    assert reads == [me[0]]
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        mon.inject(record(pid=other.pid))
+        mon.inject(record(pid=me[0]))
+        mon.sweep()  # two runs more: both pids looked at (ours still watched: not read)
+        assert reads == [me[0], other.pid]
+        assert [(e.pid, e.ppid, e.exe) for e in mon.events()] == [
+            (me[0], os.getppid(), me[1])] * 6 + [(other.pid, me[0], SLEEP),
+                                                  (me[0], os.getppid(), me[1])]
+    finally:
+        other.kill()
+        other.wait()
+        mon.identity.close()
 
 
 def test_ppid_and_exe_filters_select_by_process_range():
