@@ -388,11 +388,20 @@ int nm_store_push(struct nm_store *s, const void *data, size_t size)
 	return 0;
 }
 
+/* a full record, or a connect cut short after its address (netmon.h) */
+static int record_size_ok(const struct netmon_event *in, size_t size)
+{
+	if (size == sizeof(*in))
+		return 1;
+	return (size == NETMON_EVENT_INET4_LEN || size == NETMON_EVENT_INET6_LEN) &&
+	       in->kind == NETMON_KIND_CONNECT;
+}
+
 int nm_store_push_held(struct nm_store *s, const void *data, size_t size)
 {
 	const struct netmon_event *in = data;
 
-	if (size != sizeof(struct netmon_event)) {
+	if (!record_size_ok(in, size)) {
 		s->malformed++;
 	} else if (in->kind == NETMON_KIND_TCP_OUTCOME) {
 		count_handshake(s, in);
@@ -406,7 +415,8 @@ int nm_store_push_held(struct nm_store *s, const void *data, size_t size)
 
 		if (s->head >= s->capacity)
 			s->evicted++;
-		memcpy(e, in, sizeof(*e));
+		memcpy(e, in, size);
+		memset((char *)e + size, 0, sizeof(*e) - size); /* a short record's missing tail */
 		s->keys[slot].pid = e->pid;
 		s->keys[slot].tag = comm_tag(e->comm) | e->kind;
 		if (e->pid != s->tail_pid || e->cgroup_id != s->tail_cgroup) {

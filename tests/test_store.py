@@ -50,6 +50,29 @@ def test_malformed_record_is_counted_not_stored():
     assert m.events() == []
 
 
+def test_short_connect_records_are_stored_with_a_zero_tail():
+    """The cgroup hooks put an inet connect on the ring cut short after its address (8
+    bytes of it for IPv4, 16 for IPv6): stored as the full record with the rest zero, even
+    over a slot whose last record had a source; any other short record is malformed."""
+    addr_at = RECORD.size - _core.ADDR_LEN  # addr is the record's last field
+    m = synthetic_monitor(1)
+    m.inject(record(ip="10.0.0.1", src_ip="10.0.0.2", src_port=4242))  # fills the one slot
+    m.inject(record(ip="10.1.2.3", port=53, pid=7, src_ip="10.0.0.9",
+                    src_port=999)[:addr_at + 8])
+    (e,) = m.events()
+    assert (e.ip, e.port, e.pid, e.source_ip, e.source_port) == ("10.1.2.3", 53, 7, None, None)
+    m.inject(record(ip="2001:db8::1", port=443, src_ip="2001:db8::2",
+                    src_port=999)[:addr_at + 16])
+    (e,) = m.events()
+    assert (e.ip, e.port, e.source_ip, e.source_port) == ("2001:db8::1", 443, None, None)
+    assert m.stats()["malformed"] == 0
+    for kind in (_core.NETMON_KIND_TCP_OUTCOME, _core.NETMON_KIND_ACCEPT):
+        m.inject(record(kind=kind, sock_id=1)[:addr_at + 16])
+    m.inject(record()[:addr_at + 12])
+    assert m.stats()["malformed"] == 3
+    assert m.events()[0].ip == "2001:db8::1"
+
+
 def test_pid_and_comm_filters():
     m = synthetic_monitor(64)
     for i in range(12):
