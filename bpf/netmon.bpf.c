@@ -169,12 +169,14 @@ static __always_inline void source_of(struct sock *sk, struct netmon_event *e)
 		bpf_core_read(e->src_addr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
 }
 
-/* the fields every record made in a task's context shares; the rest is zeroed */
-static __always_inline void fill_event(struct netmon_event *e, __u8 kind, __u8 backend)
+/* the fields every record made in a task's context shares; the rest of its first size
+ * bytes (sizeof(*e), or a short connect record's length: netmon.h) is zeroed */
+static __always_inline void fill_event(struct netmon_event *e, __u32 size, __u8 kind,
+				       __u8 backend)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 
-	__builtin_memset(e, 0, sizeof(*e));
+	__builtin_memset(e, 0, size);
 	e->ts_ns = bpf_ktime_get_boot_ns();
 	e->cgroup_id = bpf_get_current_cgroup_id();
 	e->pid = id >> 32;
@@ -286,7 +288,7 @@ int netmon_connect_exit(struct trace_event_raw_sys_exit *ctx)
 		count_drop(NETMON_DROP_RINGBUF_FULL);
 		return 0;
 	}
-	fill_event(e, NETMON_KIND_CONNECT, NETMON_BACKEND_SYSCALL);
+	fill_event(e, sizeof(*e), NETMON_KIND_CONNECT, NETMON_BACKEND_SYSCALL);
 	e->ret = ctx->ret;
 	if (p->salen < 2)
 		e->flags = NETMON_F_NO_ADDR;
@@ -479,17 +481,20 @@ int netmon_tcp_reset(struct bpf_raw_tracepoint_args *ctx)
 
 /* ---- cgroup backend ---- */
 
-static __always_inline struct netmon_event *hook_event(struct bpf_sock_addr *ctx)
+/* size: sizeof(struct netmon_event), or NETMON_EVENT_INET{4,6}_LEN for an inet connect,
+ * whose source the hook cannot know (the verifier rejects a write past it) */
+static __always_inline struct netmon_event *hook_event(struct bpf_sock_addr *ctx,
+						       const __u32 size)
 {
 	struct bpf_sock_addr_kern *kctx = bpf_cast_to_kern_ctx(ctx);
-	struct netmon_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	struct netmon_event *e = bpf_ringbuf_reserve(&events, size, 0);
 	struct sock *sk;
 
 	if (!e) {
 		count_drop(NETMON_DROP_RINGBUF_FULL);
 		return NULL;
 	}
-	fill_event(e, NETMON_KIND_CONNECT, NETMON_BACKEND_CGROUP);
+	fill_event(e, size, NETMON_KIND_CONNECT, NETMON_BACKEND_CGROUP);
 	e->family = ctx->user_family;
 	e->sock_type = ctx->type;
 	e->protocol = ctx->protocol;
@@ -519,7 +524,7 @@ static __always_inline struct netmon_event *hook_event(struct bpf_sock_addr *ctx
 SEC("cgroup/connect4")
 int netmon_cg_connect4(struct bpf_sock_addr *ctx)
 {
-	struct netmon_event *e = hook_event(ctx);
+	struct netmon_event *e = hook_event(ctx, NETMON_EVENT_INET4_LEN);
 
 	if (e) {
 		e->port = bpf_ntohs(ctx->user_port);
@@ -533,7 +538,7 @@ int netmon_cg_connect4(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect6")
 int netmon_cg_connect6(struct bpf_sock_addr *ctx)
 {
-	struct netmon_event *e = hook_event(ctx);
+	struct netmon_event *e = hook_event(ctx, NETMON_EVENT_INET6_LEN);
 
 	if (e) {
 		e->port = bpf_ntohs(ctx->user_port);
@@ -554,7 +559,7 @@ SEC("cgroup/connect_unix")
 int netmon_cg_connect_unix(struct bpf_sock_addr *ctx)
 {
 	struct bpf_sock_addr_kern *kctx = bpf_cast_to_kern_ctx(ctx);
-	struct netmon_event *e = hook_event(ctx);
+	struct netmon_event *e = hook_event(ctx, sizeof(*e));
 	__u8 more = 0;
 	__u32 n;
 
@@ -600,7 +605,7 @@ static __always_inline void udp_send(struct bpf_sock_addr *ctx, int v6)
 
 		if (!init)
 			return;
-		fill_event(init, NETMON_KIND_UDP_SEND, NETMON_BACKEND_CGROUP);
+		fill_event(init, sizeof(*init), NETMON_KIND_UDP_SEND, NETMON_BACKEND_CGROUP);
 		init->family = k.family;
 		init->port = k.port;
 		init->sock_type = ctx->type;
