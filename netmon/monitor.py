@@ -24,7 +24,11 @@ DEFAULT_CAPACITY = 1 << 20
 DEFAULT_RINGBUF_BYTES = 8 << 20
 MAX_CAPACITY = 1 << 32  # 512 GiB of records: past any host, and past it a clear error
 MAX_RINGBUF_BYTES = 1 << 30
-DEFAULT_WAKEUP_BYTES = 64 << 10  # wake the consumer early once this much waits
+# wake the consumer early once this share of the ring waits (512 KiB of the default
+# 8 MiB: ~3,800 records); below it the 10 ms timer drains. Each wake-up costs tens of us
+# here: at 64 KiB a 300k connects/s loop woke netmon ~700 times a second and that was
+# about half its CPU; the ring keeps 15/16 free for a consumer that is late.
+WAKEUP_SHARE = 16
 POLL_MS = 10  # otherwise drain every 10 ms: no record waits much longer than that
 STALL_SECONDS = 2.0  # a poll loop silent this long is unhealthy
 # a follower (follow(), the SSE stream, netmon trace) waits this long for a TCP
@@ -110,7 +114,7 @@ class Monitor:
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY,
                  ringbuf_bytes: int = DEFAULT_RINGBUF_BYTES, *, backend: str = "auto",
-                 udp_sends: bool = False, wakeup_bytes: int = DEFAULT_WAKEUP_BYTES,
+                 udp_sends: bool = False, wakeup_bytes: Optional[int] = None,
                  drop_privileges: bool = False, user: Optional[str] = None,
                  cgroup: Optional[str] = None, debug: bool = False,
                  dns_names: bool = False, names_capacity: int = DEFAULT_NAMES_CAPACITY,
@@ -131,7 +135,7 @@ class Monitor:
         self.user = user
         self.missing_hooks: List[str] = []  # hooks this kernel lacks
         self.ringbuf_bytes = _check_ringbuf(ringbuf_bytes)
-        self.wakeup_bytes = wakeup_bytes
+        self.wakeup_bytes = wakeup_bytes or self.ringbuf_bytes // WAKEUP_SHARE
         self.debug = debug
         self._store = _core.Store(capacity)
         self._probe = None

@@ -4,7 +4,7 @@
 #ifndef BARE_H
 #define BARE_H
 
-#define BARE_WAKEUP_BYTES 65536 /* netmon's default wake-up batch */
+#define BARE_WAKEUP_BYTES (512 << 10) /* netmon's default wake-up batch (of its 8 MiB ring) */
 
 struct bare_event {
 	__u64 ts_ns;
