@@ -120,15 +120,22 @@ int nm_store_init(struct nm_store *s, uint64_t capacity)
 		return -ENOMEM;
 	}
 	pthread_mutex_init(&s->lock, NULL);
+	pthread_mutex_init(&s->top_cache_lock, NULL);
 	return 0;
 }
+
+static void top_cache_free(struct nm_top_cache *c);
 
 void nm_store_free(struct nm_store *s)
 {
 	if (!s->capacity)
 		return;
-	if (s->ring && s->keys && s->waiting && s->early)
+	if (s->ring && s->keys && s->waiting && s->early) {
 		pthread_mutex_destroy(&s->lock);
+		pthread_mutex_destroy(&s->top_cache_lock);
+	}
+	for (int k = 0; k < NM_RK_N; k++)
+		top_cache_free(s->top_cache[k]);
 	if (s->ring)
 		munmap(s->ring, s->capacity * sizeof(*s->ring));
 	if (s->keys)
@@ -1267,10 +1274,37 @@ static int grow(struct gtab *t)
 	return 0;
 }
 
-/* the group of key (new groups start empty), or NULL without memory */
-static struct group *gtab_get(struct gtab *t, const uint8_t *key, uint32_t klen)
+/* a group's hash: the rollups' 32-bit hash of its key (so a rollup entry's is reused, not
+ * recomputed), never 0 (0 marks an empty slot) */
+static inline uint64_t group_hash(uint32_t h32)
 {
-	uint64_t h = key_hash(key, klen), j;
+	return (uint64_t)h32 | 1ull << 32;
+}
+
+static inline uint64_t key_group_hash(const uint8_t *key, uint32_t klen)
+{
+	return group_hash((uint32_t)(key_hash(key, klen) >> 32));
+}
+
+/* key's group (hash h), or NULL */
+static struct group *gtab_find(const struct gtab *t, const uint8_t *key, uint32_t klen,
+			       uint64_t h)
+{
+	if (!t->cap)
+		return NULL;
+	for (uint64_t j = h & (t->cap - 1); t->g[j].hash; j = (j + 1) & (t->cap - 1)) {
+		struct group *g = &t->g[j];
+
+		if (g->hash == h && g->klen == klen && memcmp(t->keys + g->koff, key, klen) == 0)
+			return g;
+	}
+	return NULL;
+}
+
+/* the group of key, hash h (new groups start empty), or NULL without memory */
+static struct group *gtab_get(struct gtab *t, const uint8_t *key, uint32_t klen, uint64_t h)
+{
+	uint64_t j;
 
 	if ((t->used + 1) * 2 > t->cap && grow(t))
 		return NULL;
@@ -1315,12 +1349,14 @@ static int visit_top(void *ctx, struct nm_store *s, uint64_t seq, const struct n
 	uint8_t key[8 + NETMON_ADDR_LEN];
 	struct group *g;
 	int failed = nm_failed(e);
+	size_t klen;
 
 	(void)s;
 	if (c->by == NM_BY_ERROR && !failed)
 		return 0;
 	c->count++;
-	if (!(g = gtab_get(&c->t, key, group_key(c->f, c->by, e, key))))
+	klen = group_key(c->f, c->by, e, key);
+	if (!(g = gtab_get(&c->t, key, klen, key_group_hash(key, klen))))
 		return -ENOMEM;
 	if (seq > g->seq) /* the group's newest record */
 		g->seq = seq;
@@ -1329,26 +1365,37 @@ static int visit_top(void *ctx, struct nm_store *s, uint64_t seq, const struct n
 	return 0;
 }
 
+/* the next used entry of table t (of kind k) from *pos on, *pos moved past it, spending
+ * *budget; NULL when the table is done (*pos == its cap) or the budget is spent */
+static const struct nm_rent *rtab_next(const struct nm_rtab *t, int k, uint32_t *pos,
+				       int64_t *budget)
+{
+	uint32_t stride = nm_roll_stride(k);
+
+	for (; *pos < t->cap && *budget > 0; (*pos)++) {
+		const struct nm_rent *e = (const void *)(t->v + (size_t)*pos * stride);
+
+		*budget -= 1;
+		if (e->last_seq) {
+			*budget -= 3;
+			(*pos)++;
+			return e;
+		}
+	}
+	return NULL;
+}
+
 /* merge bucket b's table k into the groups */
 static int bucket_top(void *ctx, struct nm_store *s, const struct nm_bucket *b, int k,
 		      uint32_t *pos, int64_t *budget)
 {
 	struct top_ctx *c = ctx;
-	const struct nm_rtab *t = &b->t[k];
-	uint32_t stride = nm_roll_stride(k);
+	const struct nm_rent *e;
+	struct group *g;
 
 	(void)s;
-	for (; *pos < t->cap; (*pos)++) {
-		const struct nm_rent *e = (const void *)(t->v + (size_t)*pos * stride);
-		struct group *g;
-
-		if (*budget <= 0)
-			return 0;
-		*budget -= 1;
-		if (!e->last_seq)
-			continue;
-		*budget -= 3;
-		if (!(g = gtab_get(&c->t, e->key, nm_roll_klen(k, e->key))))
+	while ((e = rtab_next(&b->t[k], k, pos, budget))) {
+		if (!(g = gtab_get(&c->t, e->key, nm_roll_klen(k, e->key), group_hash(e->hash))))
 			return -ENOMEM;
 		g->count += e->count;
 		g->failed += e->failed;
@@ -1356,50 +1403,408 @@ static int bucket_top(void *ctx, struct nm_store *s, const struct nm_bucket *b, 
 			g->seq = e->last_seq;
 		c->count += e->count;
 	}
-	return 1;
+	return *pos == b->t[k].cap;
 }
 
-/* Rank the groups and copy the largest `limit` representatives out of the ring. A group
- * whose newest record was evicted while the answer was made has no record left in the
- * store: it is left out, and out of *groups and *matched. Takes and releases the lock. */
-static int top_result(struct nm_store *s, struct gtab *t, uint64_t limit, struct nm_top **out,
-		      uint64_t *n, uint64_t *groups, uint64_t *matched)
+/* the largest `limit` of g[0..m) first, in order (0: all); returns how many of g's first
+ * entries are in order. Above 4 × limit groups a heap picks them: sorting a window's
+ * every destination cost more than the merge that counted them. */
+static uint64_t rank_groups(struct group *g, uint64_t m, uint64_t limit)
 {
-	uint64_t m = 0, first, take = 0, gone = 0;
+	if (!limit || limit * 4 >= m) {
+		qsort(g, m, sizeof(*g), by_count_desc);
+		return m;
+	}
+	/* g[0..limit): a heap whose root is the least of the largest found so far */
+	for (uint64_t i = 0; i < m; i++) {
+		uint64_t j = i < limit ? i : 0;
+		struct group x = g[i];
+
+		if (i < limit) { /* sift up */
+			for (; j && by_count_desc(&g[(j - 1) / 2], &x) < 0; j = (j - 1) / 2)
+				g[j] = g[(j - 1) / 2];
+			g[j] = x;
+			continue;
+		}
+		if (by_count_desc(&x, &g[0]) >= 0) /* not larger than the least kept */
+			continue;
+		g[i] = g[0];
+		for (;;) { /* sift down from the root */
+			uint64_t c = 2 * j + 1;
+
+			if (c >= limit)
+				break;
+			if (c + 1 < limit && by_count_desc(&g[c + 1], &g[c]) > 0)
+				c++;
+			if (by_count_desc(&g[c], &x) <= 0)
+				break;
+			g[j] = g[c];
+			j = c;
+		}
+		g[j] = x;
+	}
+	qsort(g, limit, sizeof(*g), by_count_desc);
+	return limit;
+}
+
+/* where the failed counts of cached groups are: table k of buckets [a, b); a group's key
+ * is in keys[1] if bit 33 of its hash is set, else in keys[0] */
+struct failed_from {
+	int k;
+	uint64_t a, b;
+	const uint8_t *keys[2];
+};
+
+/* add to g->failed its key's failed counts in the buckets of ff still held; returns the
+ * lookups made. Caller holds the lock. */
+static uint64_t add_failed(const struct nm_store *s, struct group *g, const struct failed_from *ff)
+{
+	uint64_t id = ff->a > s->roll.first ? ff->a : s->roll.first;
+	uint64_t from = id;
+	uint8_t key[NM_RK_KEY_MAX] = {0}; /* the tables compare keys zero-padded */
+
+	memcpy(key, ff->keys[g->hash >> 33 & 1] + g->koff,
+	       g->klen < NM_RK_KEY_MAX ? g->klen : NM_RK_KEY_MAX);
+	for (; id < ff->b; id++) {
+		const struct nm_rent *e = nm_roll_get(nm_roll_at(&s->roll, id), ff->k, key, g->klen);
+
+		if (e)
+			g->failed += e->failed;
+	}
+	return id - from;
+}
+
+/* Rank the groups g[0..m) (empty ones: hash or count 0) and copy the largest `limit`
+ * representatives out of the ring; with ff, add their failed counts from the rollups. A
+ * group whose newest record was evicted while the answer was made has no record left in
+ * the store: it is left out, and out of *groups and *matched. Takes and releases the
+ * lock. Long: the ranking, the race with eviction and the failed counts' lookups share
+ * the one loop over the answer's groups. */
+static int top_result(struct nm_store *s, struct group *g, uint64_t cap, uint64_t limit,
+		      const struct failed_from *ff, struct nm_top **out, uint64_t *n,
+		      uint64_t *groups, uint64_t *matched)
+{
+	uint64_t m = 0, first, take = 0, gone = 0, sorted;
 	uint64_t head = __atomic_load_n(&s->head, __ATOMIC_ACQUIRE);
+	int64_t budget = NM_SCAN_CHUNK;
 	struct nm_top *res;
 
 	/* a snapshot, without the lock: it only rises */
 	first = head > s->capacity ? head - s->capacity + 1 : 1;
-	for (uint64_t k = 0; k < t->cap; k++) { /* compact, leaving out what went */
-		if (!t->g[k].hash)
+	for (uint64_t k = 0; k < cap; k++) { /* compact, leaving out what went */
+		if (!g[k].hash || !g[k].count)
 			continue;
-		if (t->g[k].seq >= first)
-			t->g[m++] = t->g[k];
+		if (g[k].seq >= first)
+			g[m++] = g[k];
 		else
-			*matched -= t->g[k].count;
+			*matched -= g[k].count;
 	}
-	if (m)
-		qsort(t->g, m, sizeof(*t->g), by_count_desc);
+	sorted = m ? rank_groups(g, m, limit) : 0;
 	res = malloc(((limit && limit < m ? limit : m) + 1) * sizeof(*res));
 	if (!res)
 		return -ENOMEM;
 	reader_lock(s);
 	first = first_held(s);
 	for (uint64_t k = 0; k < m && (!limit || take < limit); k++) {
-		if (t->g[k].seq < first) { /* went since the snapshot */
-			*matched -= t->g[k].count;
+		if (k == sorted) { /* some of the largest went: rank the rest (rare) */
+			qsort(g + k, m - k, sizeof(*g), by_count_desc);
+			sorted = m;
+		}
+		if (g[k].seq < first) { /* went since the snapshot */
+			*matched -= g[k].count;
 			gone++;
 			continue;
 		}
-		res[take++] = (struct nm_top){t->g[k].count, t->g[k].failed, t->g[k].seq,
-					      s->ring[(t->g[k].seq - 1) % s->capacity]};
+		res[take++] = (struct nm_top){g[k].count, g[k].failed, g[k].seq,
+					      s->ring[(g[k].seq - 1) % s->capacity]};
+		if (!ff)
+			continue;
+		budget -= 16 * add_failed(s, &g[k], ff); /* a lookup: ~16 records' key checks */
+		res[take - 1].failed = g[k].failed;
+		if (budget <= 0) {
+			reader_pause(s);
+			budget = NM_SCAN_CHUNK;
+			first = first_held(s);
+		}
 	}
 	nm_store_unlock(s);
 	*groups = m - gone;
 	*out = res;
 	*n = take;
 	return 0;
+}
+
+/* ---- top-N over many seconds: the cache ----
+ * The groups of a run of closed seconds [a, b) (bucket ids) of table k, merged: count and
+ * newest record per key, not failed (an outcome can change a closed second's failed
+ * counts: those are looked up for the answer's groups only). A closed second's counts
+ * never change, so the run slides as the window moves: seconds merged in at either end,
+ * subtracted at the old end (a group's newest record is in its newest second, so the
+ * subtraction leaves it right; a group down to 0 forgets it). A query merges only what
+ * the cache lacks plus the second still filling and the partial seconds at the ends. */
+struct nm_top_cache {
+	uint64_t a, b;  /* the buckets merged, when valid */
+	int valid;
+	uint64_t total; /* their records */
+	uint64_t live;  /* groups whose count is not 0 */
+	uint64_t mark;  /* a query's number: marks (in .failed) the groups it also found */
+	struct gtab t;
+	/* a query's own groups and its joined array, kept for the next: fresh ones, of a
+	 * megabyte or two, cost more in page faults than the merge that fills them */
+	struct gtab scratch;
+	struct group *all;
+	uint64_t all_cap;
+};
+
+static void top_cache_free(struct nm_top_cache *c)
+{
+	if (c) {
+		gtab_free(&c->t);
+		gtab_free(&c->scratch);
+		free(c->all);
+	}
+	free(c);
+}
+
+/* forget the groups (but keep the scratch space) */
+static void top_cache_reset(struct nm_top_cache *c, uint64_t at)
+{
+	gtab_free(&c->t);
+	memset(&c->t, 0, sizeof(c->t));
+	c->a = c->b = at;
+	c->valid = 1;
+	c->total = c->live = 0;
+}
+
+static uint64_t top_cache_bytes(const struct nm_top_cache *c)
+{
+	return (c->t.cap + c->scratch.cap + c->all_cap) * sizeof(struct group) + c->t.kcap +
+	       c->scratch.kcap;
+}
+
+/* the closed buckets, each held whole and with its table k, that a walk of sc's window
+ * could take whole: [*a, *b). 0 if fewer than 2 (the cache would not pay) or one was
+ * given up (scanned). Caller holds the lock. */
+static int closed_run(const struct nm_store *s, const struct scan *sc, int k, uint64_t *a,
+		      uint64_t *b)
+{
+	const struct nm_rollup *r = &s->roll;
+	uint64_t lo = sc->lo > first_held(s) ? sc->lo : first_held(s), newest, id, end;
+
+	if (r->n < 3 || sc->hi <= lo + 1)
+		return 0;
+	newest = r->first + r->n - 1;
+	id = nm_roll_find(r, lo);
+	*a = id == UINT64_MAX ? r->first : nm_roll_at(r, id)->first_seq < lo ? id + 1 : id;
+	id = nm_roll_find(r, sc->hi - 1);
+	if (id == UINT64_MAX)
+		return 0;
+	end = id < newest ? nm_roll_at(r, id + 1)->first_seq : s->head + 1;
+	*b = end == sc->hi ? id + 1 : id;
+	if (*b > newest)
+		*b = newest; /* still filling */
+	if (*b < *a + 2)
+		return 0;
+	for (id = *a; id < *b; id++)
+		if (nm_roll_at(r, id)->over & (1u << k))
+			return 0;
+	return 1;
+}
+
+/* merge bucket id's table k into the cache (sign 1) or take it out (-1), from *pos on,
+ * spending *budget; 1: done, 0: out of budget, -ENOMEM */
+static int top_cache_apply(struct nm_store *s, struct nm_top_cache *c, int k, uint64_t id,
+			   int sign, uint32_t *pos, int64_t *budget)
+{
+	const struct nm_rtab *t = &nm_roll_at(&s->roll, id)->t[k];
+	const struct nm_rent *e;
+	struct group *g;
+
+	while ((e = rtab_next(t, k, pos, budget))) {
+		if (!(g = gtab_get(&c->t, e->key, nm_roll_klen(k, e->key), group_hash(e->hash))))
+			return -ENOMEM;
+		if (sign > 0) {
+			c->live += !g->count;
+			g->count += e->count;
+			if (e->last_seq > g->seq)
+				g->seq = e->last_seq;
+		} else if (!(g->count -= e->count)) {
+			c->live--;
+			g->seq = 0;
+		}
+	}
+	if (*pos < t->cap)
+		return 0;
+	if (sign > 0)
+		c->total += nm_roll_at(&s->roll, id)->connects;
+	else
+		c->total -= nm_roll_at(&s->roll, id)->connects;
+	return 1;
+}
+
+/* make the cache hold [a, b) of table k: slide it, or start again when that costs less
+ * (or it holds mostly forgotten groups). Lock held on entry and return, released every
+ * NM_SCAN_CHUNK units of work; a bucket the work needs going meanwhile leaves the cache
+ * invalid (-EAGAIN: the caller looks at the window again). */
+static int top_cache_sync(struct nm_store *s, struct nm_top_cache *c, int k, uint64_t a,
+			  uint64_t b)
+{
+	int64_t budget = NM_SCAN_CHUNK;
+	uint64_t slide;
+
+	if (!c->valid || b < c->b || a >= c->b || c->a >= b || c->t.used > 2 * c->live + 1024)
+		slide = UINT64_MAX;
+	else
+		slide = (a > c->a ? a - c->a : c->a - a) + (b - c->b);
+	if (slide > b - a)
+		top_cache_reset(c, a);
+	while (c->a != a || c->b != b) {
+		/* the next step: out at the old end, in at the old end, in at the new end */
+		uint64_t id = c->a < a ? c->a : c->a > a ? c->a - 1 : c->b;
+		int sign = c->a < a ? -1 : 1, rc;
+		uint32_t pos = 0;
+
+		c->valid = 0; /* until the step is done */
+		if (id < s->roll.first) /* went while an earlier step paused */
+			return -EAGAIN;
+		while (!(rc = top_cache_apply(s, c, k, id, sign, &pos, &budget))) {
+			reader_pause(s);
+			budget = NM_SCAN_CHUNK;
+			if (id < s->roll.first)
+				return -EAGAIN;
+		}
+		if (rc < 0)
+			return rc;
+		c->valid = 1;
+		if (sign < 0)
+			c->a++;
+		else if (id < c->a)
+			c->a--;
+		else
+			c->b++;
+	}
+	return 0;
+}
+
+/* the groups the window's walk finds outside the cache's buckets: the part after them
+ * (the second still filling, merged from its table, or scanned) and the part before. Lock
+ * held on entry and return. */
+static int top_rest(struct nm_store *s, const struct scan *sc, int k, uint64_t a, uint64_t b,
+		    struct top_ctx *d)
+{
+	struct scan after = *sc, before = *sc;
+	int rc;
+
+	after.lo = nm_roll_at(&s->roll, b)->first_seq;
+	before.hi = nm_roll_at(&s->roll, a)->first_seq;
+	if ((rc = roll_run(s, &after, k, visit_top, bucket_top, d)))
+		return rc;
+	if (before.lo < first_held(s))
+		before.lo = first_held(s);
+	return before.lo < before.hi ? roll_run(s, &before, k, visit_top, bucket_top, d) : 0;
+}
+
+/* the cache's groups joined with d's (marked in the cache), as one array of groups: a
+ * cache group's hash gets bit 33 (its key is in the cache's key bytes) */
+static struct group *top_join(struct nm_top_cache *c, struct gtab *d, uint64_t *m)
+{
+	uint64_t mark = ++c->mark, need = d->used + c->live + 1;
+	struct group *out = c->all;
+
+	*m = 0;
+	if (need > c->all_cap) {
+		free(c->all);
+		c->all_cap = 0;
+		if (!(out = c->all = malloc(need * 2 * sizeof(*out))))
+			return NULL;
+		c->all_cap = need * 2;
+	}
+	for (uint64_t i = 0; i < d->cap; i++) {
+		struct group g = d->g[i], *cg;
+
+		if (!g.hash)
+			continue;
+		cg = gtab_find(&c->t, d->keys + g.koff, g.klen, g.hash);
+		if (cg && cg->count) {
+			g.count += cg->count;
+			if (cg->seq > g.seq)
+				g.seq = cg->seq;
+			cg->failed = mark;
+		}
+		out[(*m)++] = g;
+	}
+	for (uint64_t i = 0; i < c->t.cap; i++) {
+		struct group g = c->t.g[i];
+
+		if (g.hash && g.count && g.failed != mark) {
+			g.hash |= 1ull << 33;
+			g.failed = 0;
+			out[(*m)++] = g;
+		}
+	}
+	return out;
+}
+
+/* top-N by table k's keys with the cache; -EAGAIN: not this way (the caller walks the
+ * window without it) */
+static int top_cached(struct nm_store *s, const struct nm_filter *f, int by, int k,
+		      uint64_t limit, struct nm_top **out, uint64_t *n, uint64_t *groups,
+		      uint64_t *matched)
+{
+	struct nm_top_cache *c;
+	struct top_ctx d = {{0}, by, 0, f};
+	struct failed_from ff = {k, 0, 0, {NULL, NULL}};
+	struct group *all = NULL;
+	struct scan sc;
+	uint64_t a = 0, b = 0, m = 0;
+	int err = -EAGAIN;
+
+	pthread_mutex_lock(&s->top_cache_lock);
+	if (!(c = s->top_cache[k]) && !(c = s->top_cache[k] = calloc(1, sizeof(*c)))) {
+		pthread_mutex_unlock(&s->top_cache_lock);
+		return -EAGAIN;
+	}
+	d.t = c->scratch; /* emptied, its memory kept */
+	if (d.t.cap)
+		memset(d.t.g, 0, d.t.cap * sizeof(*d.t.g));
+	d.t.used = d.t.klen = 0;
+	memset(&c->scratch, 0, sizeof(c->scratch));
+	reader_lock(s);
+	/* a few tries: each sync releases the lock, and the window may move meanwhile */
+	for (int tries = 0; tries < 4; tries++) {
+		sc = scan_of(s, f, 1);
+		if (!closed_run(s, &sc, k, &a, &b))
+			break;
+		if (c->valid && c->a == a && c->b == b) {
+			err = 0;
+			break;
+		}
+		if ((err = top_cache_sync(s, c, k, a, b)) && err != -EAGAIN)
+			break;
+		err = -EAGAIN;
+	}
+	if (!err)
+		err = top_rest(s, &sc, k, a, b, &d);
+	nm_store_unlock(s);
+	if (!err && !(all = top_join(c, &d.t, &m)))
+		err = -ENOMEM;
+	if (!err) {
+		*matched = d.count + c->total;
+		ff.a = a, ff.b = b, ff.keys[0] = d.t.keys, ff.keys[1] = c->t.keys;
+		err = top_result(s, all, m, limit, &ff, out, n, groups, matched);
+	}
+	c->scratch = d.t;
+	if (top_cache_bytes(c) > s->roll.max_bytes / 4) { /* bounded: not kept */
+		top_cache_reset(c, 0);
+		c->valid = 0;
+		gtab_free(&c->scratch);
+		memset(&c->scratch, 0, sizeof(c->scratch));
+		free(c->all);
+		c->all = NULL;
+		c->all_cap = 0;
+	}
+	pthread_mutex_unlock(&s->top_cache_lock);
+	return err;
 }
 
 int nm_store_top(struct nm_store *s, const struct nm_filter *f, int by, uint64_t limit,
@@ -1412,6 +1817,8 @@ int nm_store_top(struct nm_store *s, const struct nm_filter *f, int by, uint64_t
 
 	if (roll_table_for(s, f) != NM_RK_TOTAL) /* the rollups group every connect attempt */
 		k = -1;
+	if (k >= 0 && (err = top_cached(s, f, by, k, limit, out, n, groups, matched)) != -EAGAIN)
+		return err;
 	for (int tries = 0;; tries++) {
 		reader_lock(s);
 		sc = scan_of(s, f, 1);
@@ -1427,7 +1834,7 @@ int nm_store_top(struct nm_store *s, const struct nm_filter *f, int by, uint64_t
 	}
 	*matched = c.count;
 	if (!err)
-		err = top_result(s, &c.t, limit, out, n, groups, matched);
+		err = top_result(s, c.t.g, c.t.cap, limit, NULL, out, n, groups, matched);
 	gtab_free(&c.t);
 	return err;
 }

@@ -103,6 +103,10 @@ struct nm_store {
 		uint8_t addr[NETMON_ADDR_LEN];
 	} roll_last;
 	int use_rollups;                  /* 0: every query scans (tests compare both) */
+	/* top-N by pid, command, destination: per table, the groups of a run of closed
+	 * seconds merged, kept between queries and slid as the window moves (store.c) */
+	pthread_mutex_t top_cache_lock;   /* one top-N query at a time uses them */
+	struct nm_top_cache *top_cache[NM_RK_N];
 	/* TCP handshakes the kernel timed, counted as each outcome record arrives (joined
 	 * to its connect or not): [0] established, [1] failed; per latency bucket (not
 	 * cumulative) and the sum of latencies. Monotonic, for metrics. */

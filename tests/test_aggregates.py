@@ -292,3 +292,33 @@ def test_rollups_runs_of_one_key_in_a_given_up_table():
         got, want = both(st, ("top", ("destination", 3), q), ("count", (), {"pid": 401, **q}),
                          ("top", ("pid", 9), q), ("top", ("command", 2), q))
         assert got == want
+
+
+def test_top_cache_slides_with_the_window_and_equals_scans():
+    """Top-N over many seconds keeps the merged closed seconds between queries and slides
+    them as records arrive, the head is evicted and outcomes turn closed seconds' attempts
+    failed: after every step, each answer equals a scan's."""
+    m = synthetic_monitor(2000)  # 60 records a second: the store holds ~33 s
+    st = m._store
+    base = now_ns() // SEC * SEC - 80 * SEC
+    i = 0
+    for s in range(70):
+        for j in range(60):
+            m.inject(record(pid=600 + i % 11, comm=f"w{i % 4}", ip=f"10.6.{i % 3}.{i % 17}",
+                            sock_id=(1 + i) << 8, ret=-111 if i % 23 == 0 else -115, flags=0,
+                            outcome=1, ts_ns=base + s * SEC + j * (SEC // 60)))
+            i += 1
+        if s % 3 == 0 and s > 3:  # an outcome for a connect of a second long closed
+            old = i - 150
+            m.inject(record(kind=3, sock_id=(1 + old) << 8, outcome=3, ret=-111))
+        if s < 5:
+            continue
+        now = base + (s + 1) * SEC
+        for since, until in ((None, None), (now - 20 * SEC, None), (now - 9 * SEC // 2, None),
+                             (now - 30 * SEC + 1, now - 2 * SEC - SEC // 3)):
+            q = dict(kind=CONNECT, since_ns=since, until_ns=until)
+            for by, limit in (("destination", 4), ("pid", 3), ("command", 0)):
+                got, want = both(st, ("top", (by, limit), q))
+                assert got == want, (s, since, until, by)
+    assert m.stats()["evicted"] > 0
+    assert sum(f for _, _, f in m.top("destination", 0)[0]) > 0
