@@ -161,10 +161,13 @@ def free_port() -> int:
 
 
 class Client:
-    """One keep-alive HTTP/1.1 connection; request() -> (status, decoded JSON)."""
+    """One keep-alive HTTP/1.1 connection; request() -> (status, decoded JSON).
+    received_at: perf_counter() when the last request's answer was read in full, before
+    it is decoded (a request's latency ends there: decoding is the client's own work)."""
 
     def __init__(self, port: int, timeout: float = 30):
         self.port, self.timeout, self.conn = port, timeout, None
+        self.received_at = 0.0
 
     def request(self, method, path, body=None):
         data = None if body is None else json.dumps(body).encode()
@@ -177,6 +180,7 @@ class Client:
                 self.conn.request(method, path, body=data, headers=headers)
                 r = self.conn.getresponse()
                 raw = r.read()
+                self.received_at = time.perf_counter()
                 break
             except (http.client.HTTPException, OSError):
                 self.conn.close()
@@ -576,12 +580,12 @@ def bench_queries(res: dict) -> None:
                                                for k, v in body.items()}
                 t0 = time.perf_counter()
                 status, answer = client.request(method, p, b)
-                lat.append(time.perf_counter() - t0)
+                lat.append(client.received_at - t0)
                 if status != 200:
                     break
                 t0 = time.perf_counter()  # the reference, right after on the same connection
                 client.request("GET", "/health")
-                health.append(time.perf_counter() - t0)
+                health.append(client.received_at - t0)
                 if isinstance(answer, dict) and "matched" in answer:  # events and top
                     matched.append(answer["matched"])
             entry = {"status": status, "matched_min": min(matched, default=None),
@@ -766,7 +770,8 @@ METHOD = (
     "Full-store queries: a separate server process (netmon's Monitor, make_app and Server) "
     "holding 1,048,576 synthetic events over 1,000 pids and 10,000 destinations stamped "
     f"over the {FULL_SPAN_S} s before it was filled; top runs first so its 60 s window holds "
-    "them all; one keep-alive client; latency measured at the client. Destination names: "
+    "them all; one keep-alive client; latency measured at the client, from sending the "
+    "request to its answer read in full (not decoded). Destination names: "
     "each pair is the receive load under a fresh `netmon --backend cgroup` and under one "
     "with `--dns-names` (alternating which goes first); the ratio compares the two; the "
     "ingress program's time comes from an extra ¼-length run with bpf_stats on.")
