@@ -895,3 +895,61 @@ cdef class Probe:
     def __dealloc__(self):
         self._release()
         nm_state_destroy(&self.st)
+
+
+# ---- JSON for many events at once ----
+# An API answer of 100 events spent more time in Event.to_dict() and json.dumps (~8 us
+# an event) than in everything else. This writes the same text straight from the Event
+# tuples: byte-identical to json.dumps([e.to_dict() ...]) (tests compare the two).
+
+from json.encoder import encode_basestring_ascii as _json_str
+
+
+cdef str _json_value(object v):
+    """json.dumps(v) for what an Event holds: None, bool, int, str, a tuple/list of str."""
+    if v is None:
+        return "null"
+    if v is True:
+        return "true"
+    if v is False:
+        return "false"
+    t = type(v)
+    if t is int:
+        return str(v)
+    if t is str:
+        return _json_str(v)
+    if t is tuple or t is list:
+        return "[" + ", ".join([_json_value(x) for x in v]) + "]"
+    import json
+    return json.dumps(v)
+
+
+def json_objects(rows, tuple prefixes, tuple columns, object special):
+    """'[{...}, {...}]': each row (a tuple) as one JSON object. Key i's text, with its
+    separator, is prefixes[i] (the last item closes the object); its value is
+    row[columns[i]], or for a negative column special(row)[-column - 1] (special is
+    called once a row)."""
+    cdef Py_ssize_t i, n = len(columns)
+    cdef list out = ["["]
+    cdef bint first = True
+    cdef int *cols = <int *>malloc(n * sizeof(int) + 1)
+    cdef tuple row, extra
+    if cols == NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            cols[i] = columns[i]
+        for r in rows:
+            row = <tuple>r
+            if not first:
+                out.append(", ")
+            first = False
+            extra = <tuple>special(row)
+            for i in range(n):
+                out.append(<str>prefixes[i])
+                out.append(_json_value(row[cols[i]] if cols[i] >= 0 else extra[-cols[i] - 1]))
+            out.append(<str>prefixes[n])
+    finally:
+        free(cols)
+    out.append("]")
+    return "".join(out)

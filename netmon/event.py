@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno as _errno
+import json as _json
 import socket as _socket
 import time
 from typing import NamedTuple, Optional, Tuple
@@ -23,6 +24,7 @@ from ._core import (
     RESULTS,
 )
 from ._core import boot_ns as _boot_ns
+from ._core import json_objects as _json_objects
 from .names import shown
 
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
@@ -226,32 +228,41 @@ class Event(NamedTuple):
     def service(self) -> Optional[str]:
         return SERVICES.get(self.port) if self.port is not None else None
 
-    def names_dict(self) -> dict:
-        """The naming fields (cgroup ... exe) by name."""
-        return dict(zip(NAME_FIELDS, self[_NAMED_AT:]))
+    def _json_derived(self) -> tuple:
+        """The JSON fields not stored as they are shown (see _JSON)."""
+        ts = rfc3339(self.timestamp)
+        chain = self.destination_cname_chain
+        return self.service, list(chain) if chain else None, ts
 
     def to_dict(self) -> dict:
         """The JSON form served by the API (field names kept from the predecessor)."""
-        ts = rfc3339(self.timestamp)
-        return {
-            "seq": self.seq, "pid": self.pid, "tid": self.tid, "uid": self.uid,
-            "command": self.command, "destination": self.destination,
-            "destination_ip": self.ip, "destination_port": self.port,
-            "source_ip": self.source_ip, "source_port": self.source_port,
-            "address_family": self.family, "protocol": self.protocol,
-            "socket_type": self.socket_type, "service": self.service,
-            "return_code": self.return_code, "error": self.error,
-            "cgroup_id": self.cgroup_id, "truncated": self.truncated,
-            "kind": self.kind, "backend": self.backend, "net_ns": self.net_ns,
-            "outcome": self.outcome, "latency_us": self.latency_us, "packets": self.packets,
-            "destination_name": self.destination_name,
-            "destination_cname_chain": (list(self.destination_cname_chain)
-                                        if self.destination_cname_chain else None),
-            "timestamp": ts, "wall_time": ts, **self.names_dict(),
-        }
+        derived = self._json_derived()
+        return {k: self[c] if c >= 0 else derived[-c - 1] for k, c in _JSON}
 
 
 # who: the fields naming the workload and the process, last in Event
 NAME_FIELDS = Event._fields[Event._fields.index("cgroup"):]
-_NAMED_AT = len(Event._fields) - len(NAME_FIELDS)
+
+# The JSON form, key by key: an Event field (its index), or -1 - i for item i of
+# Event._json_derived() (service, destination_cname_chain, timestamp).
+_JSON = tuple((key, Event._fields.index(field) if isinstance(field, str) else field)
+              for key, field in (
+    ("seq", "seq"), ("pid", "pid"), ("tid", "tid"), ("uid", "uid"), ("command", "command"),
+    ("destination", "destination"), ("destination_ip", "ip"), ("destination_port", "port"),
+    ("source_ip", "source_ip"), ("source_port", "source_port"),
+    ("address_family", "family"), ("protocol", "protocol"), ("socket_type", "socket_type"),
+    ("service", -1), ("return_code", "return_code"), ("error", "error"),
+    ("cgroup_id", "cgroup_id"), ("truncated", "truncated"), ("kind", "kind"),
+    ("backend", "backend"), ("net_ns", "net_ns"), ("outcome", "outcome"),
+    ("latency_us", "latency_us"), ("packets", "packets"),
+    ("destination_name", "destination_name"), ("destination_cname_chain", -2),
+    ("timestamp", -3), ("wall_time", -3), *((f, f) for f in NAME_FIELDS)))
+_JSON_KEYS = tuple(("{" if i == 0 else ", ") + _json.dumps(k) + ": "
+                   for i, (k, _) in enumerate(_JSON)) + ("}",)
+_JSON_COLUMNS = tuple(c for _, c in _JSON)
+
+
+def events_json(events) -> str:
+    """json.dumps([e.to_dict() for e in events]), the same text, ~4x as fast."""
+    return _json_objects(events, _JSON_KEYS, _JSON_COLUMNS, Event._json_derived)
 _NO_NAMES = (None,) * len(NAME_FIELDS)

@@ -2,13 +2,25 @@
 that name the bad parameter, and cursor paging through a store that fills and evicts.
 Synthetic records, no root."""
 import datetime as dt
+import json
 import random
+import socket
 
 import pytest
 from helpers import assert_error, call
+from netmon._core import (
+    NETMON_F_NO_ADDR,
+    NETMON_F_NO_OWNER,
+    NETMON_KIND_ACCEPT,
+    NETMON_KIND_UDP_SEND,
+    NETMON_OUTCOME_ESTABLISHED,
+    NETMON_OUTCOME_FAILED,
+)
 
+from netmon.event import events_json
 from netmon.testing import record, synthetic_monitor
 from netmon.web import make_app
+from netmon.web.base import RawJSON, json_answer
 
 # (name, record kwargs); injected in this order, so seq = index + 1
 DATA = [
@@ -275,3 +287,35 @@ def test_top_refuses_events_parameters(top_app):
     reply = call(top_app, "GET", "/api/top", query="since=10s")
     assert_error(reply, 400, "Bad Request")
     assert "unknown query parameter since" in reply.body["message"]
+
+
+# ---- the answer's JSON, written straight from Event tuples ----
+
+def test_events_json_is_json_dumps_of_to_dict_for_every_kind_of_field():
+    mon = synthetic_monitor(64)
+    for r in (record(comm='q"\\\x1b\u00e9x', ip="::1", port=443, ret=-111),
+              record(path="/run/\u00fc s\"x/" + "p" * 60, sock_type=socket.SOCK_DGRAM),
+              record(path="@abstract\x01", ret=-2),
+              record(ip=None, flags=NETMON_F_NO_ADDR),
+              record(kind=NETMON_KIND_UDP_SEND, sock_type=socket.SOCK_DGRAM, packets=7),
+              record(kind=NETMON_KIND_ACCEPT, flags=NETMON_F_NO_OWNER, src_ip="10.0.0.9",
+                     src_port=4242, outcome=NETMON_OUTCOME_ESTABLISHED),
+              record(outcome=NETMON_OUTCOME_FAILED, ret=-110, latency_us=2**31)):
+        mon.inject(r)
+    raw = bytearray(record(comm="badXX"))
+    raw[raw.find(b"badXX") + 3] = 0xFF  # a command that is not UTF-8
+    mon.inject(bytes(raw))
+    evs = mon.events(kind="all")
+    evs += [evs[0]._replace(destination_name="api.\u00e9xample.com",
+                            destination_cname_chain=("a.example", "b\u2028.example"),
+                            unit="x.service", container_id="c" * 64, ppid=1, exe="/usr/bin/\t"),
+            evs[1]._replace(destination_cname_chain=())]
+    assert len(evs) == 10
+    assert events_json(evs) == json.dumps([e.to_dict() for e in evs])
+    assert events_json([]) == "[]"
+
+
+def test_json_answer_puts_raw_parts_in_as_they_are():
+    obj = {"a": RawJSON("[1, 2]"), "b": {"7": RawJSON("{}"), "x": [None, True]}, "c": "\u00e9"}
+    assert json_answer(obj) == json.dumps({"a": [1, 2], "b": {"7": {}, "x": [None, True]},
+                                           "c": "\u00e9"})

@@ -4,6 +4,7 @@ event), answers every error as JSON, turns a FilterError into a 400 naming the p
 and logs (never leaks) an unexpected exception."""
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from typing import Callable, Optional
@@ -17,6 +18,24 @@ from .limits import error_body, status_line
 from .params import bad_request
 
 log = logging.getLogger("netmon.api")  # the name netmon's log lines have always carried
+
+
+class RawJSON(str):
+    """JSON text, put into an answer as it is (see json_answer)."""
+
+
+def json_answer(obj: dict) -> str:
+    """The answer's JSON, as Bottle's json.dumps writes a dict, where a RawJSON value (at
+    any depth of dicts) is already JSON: lists of events come from events_json, ~3x as
+    fast as json.dumps of their dicts. Sets the content type."""
+    def text(v) -> str:
+        if isinstance(v, RawJSON):
+            return v
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{json.dumps(str(k))}: {text(x)}" for k, x in v.items()) + "}"
+        return json.dumps(v)
+    bottle.response.content_type = "application/json"
+    return text(obj)
 
 
 def _log_faults(callback):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import datetime as _dt
 
+from ..event import events_json
 from ..filters import int_in
 from ..names import name_bytes
-from .base import App
+from .base import App, RawJSON, json_answer
 from .limits import COMM_BYTES, DEFAULT_LIMIT, MAX_ANSWER_EVENTS, MAX_DURATION, MAX_LIMIT, MAX_PID
 from .params import bad_request, request_params
 
@@ -66,8 +67,8 @@ def routes(app: App) -> None:
         per_pid, truncated = monitor.latest_per_pid(limit, pid=pid,
                                                     max_total=MAX_ANSWER_EVENTS)
         total = sum(len(events) for events in per_pid.values())
-        return {"total_pids": len(per_pid),
-                "connections": {str(p): [e.to_dict() for e in per_pid[p]]
-                                for p in sorted(per_pid)},
-                "truncated": truncated,
-                "message": f"Found {total} total connections across {len(per_pid)} processes"}
+        return json_answer({
+            "total_pids": len(per_pid),
+            "connections": {str(p): RawJSON(events_json(per_pid[p])) for p in sorted(per_pid)},
+            "truncated": truncated,
+            "message": f"Found {total} total connections across {len(per_pid)} processes"})

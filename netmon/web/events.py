@@ -9,9 +9,10 @@ import time
 
 import bottle
 
+from ..event import events_json
 from ..filters import FILTER_NAMES, Filter, FilterError, int_in
 from ..monitor import Follower, Monitor
-from .base import App
+from .base import App, RawJSON, json_answer
 from .limits import DEFAULT_LIMIT, MAX_EVENTS_LIMIT, MAX_STREAMS
 from .params import request_filter, request_params, understood
 
@@ -76,9 +77,10 @@ def routes(app: App) -> None:
             next_after = evs[-1].seq
         else:  # every match up to `last` was returned
             next_after = max([last, params.get("after", 0)] + [e.seq for e in evs[-1:]])
-        return {"events": [e.to_dict() for e in evs], "count": len(evs), "matched": matched,
-                "next_after": next_after, "truncated": truncated,
-                "filters": {**understood(where), "limit": limit}}
+        return json_answer({"events": RawJSON(events_json(evs)), "count": len(evs),
+                            "matched": matched, "next_after": next_after,
+                            "truncated": truncated,
+                            "filters": {**understood(where), "limit": limit}})
 
     @app.get("/api/events/stream")
     def stream():
