@@ -404,6 +404,27 @@ static int record_size_ok(const struct netmon_event *in, size_t size)
 	       in->kind == NETMON_KIND_CONNECT;
 }
 
+/* in (size bytes: record_size_ok) into slot e, a short record's missing tail zero; each
+ * size a constant, so the copies are inlined moves, not library calls */
+static inline void copy_record(struct netmon_event *e, const struct netmon_event *in,
+			       size_t size)
+{
+	if (size == sizeof(*e)) {
+		memcpy(e, in, sizeof(*e));
+	} else if (size == NETMON_EVENT_INET4_LEN) {
+		memcpy(e, in, NETMON_EVENT_INET4_LEN);
+		memset((char *)e + NETMON_EVENT_INET4_LEN, 0, sizeof(*e) - NETMON_EVENT_INET4_LEN);
+	} else {
+		memcpy(e, in, NETMON_EVENT_INET6_LEN);
+		memset((char *)e + NETMON_EVENT_INET6_LEN, 0, sizeof(*e) - NETMON_EVENT_INET6_LEN);
+	}
+}
+
+/* slots this far ahead of the one being written are fetched early: a wrapping store's
+ * next slot was last touched a whole ring ago and is never in cache, and reading the
+ * record just written stalled on it (~60 % of this function's samples under a loop) */
+#define NM_PREFETCH_AHEAD 8
+
 int nm_store_push_held(struct nm_store *s, const void *data, size_t size)
 {
 	const struct netmon_event *in = data;
@@ -420,10 +441,13 @@ int nm_store_push_held(struct nm_store *s, const void *data, size_t size)
 		uint64_t slot = s->head % s->capacity;
 		struct netmon_event *e = &s->ring[slot];
 
+		const char *ahead = (const char *)&s->ring[(slot + NM_PREFETCH_AHEAD) % s->capacity];
+
+		__builtin_prefetch(ahead, 1);
+		__builtin_prefetch(ahead + 64, 1);
 		if (s->head >= s->capacity)
 			s->evicted++;
-		memcpy(e, in, size);
-		memset((char *)e + size, 0, sizeof(*e) - size); /* a short record's missing tail */
+		copy_record(e, in, size);
 		s->keys[slot].pid = e->pid;
 		s->keys[slot].tag = comm_tag(e->comm) | e->kind;
 		if (e->pid != s->tail_pid || e->cgroup_id != s->tail_cgroup) {
