@@ -902,7 +902,20 @@ cdef class Probe:
 # an event) than in everything else. This writes the same text straight from the Event
 # tuples: byte-identical to json.dumps([e.to_dict() ...]) (tests compare the two).
 
+from cpython.datetime cimport (datetime, import_datetime, datetime_year, datetime_month,
+                               datetime_day, datetime_hour, datetime_minute, datetime_second,
+                               datetime_microsecond)
+from libc.stdio cimport snprintf
 from json.encoder import encode_basestring_ascii as _json_str
+
+import_datetime()
+
+# how json_objects shows a column (event.py's table says which): as it is (0), or
+cdef enum:
+    _SERVICE = 1  # the service name of a port (a dict lookup), or null
+    _LIST = 2     # a tuple of strings as an array, or null when empty or None
+    _RFC3339 = 3  # a UTC datetime as RFC 3339 with microseconds and Z
+JSON_SERVICE, JSON_LIST, JSON_RFC3339 = _SERVICE, _LIST, _RFC3339
 
 
 cdef str _json_value(object v):
@@ -924,30 +937,53 @@ cdef str _json_value(object v):
     return json.dumps(v)
 
 
-def json_objects(rows, tuple prefixes, tuple columns, object special):
+cdef str _rfc3339(object ts, object fallback):
+    cdef char buf[40]
+    cdef datetime d
+    if type(ts) is not datetime or datetime_year(ts) < 1000:
+        return _json_str(fallback(ts))  # what event.rfc3339 writes for the rare rest
+    d = <datetime>ts
+    snprintf(buf, sizeof(buf), "\"%04d-%02d-%02dT%02d:%02d:%02d.%06dZ\"",
+             datetime_year(d), datetime_month(d), datetime_day(d), datetime_hour(d),
+             datetime_minute(d), datetime_second(d), datetime_microsecond(d))
+    return buf.decode("ascii")
+
+
+def json_objects(rows, tuple prefixes, tuple columns, tuple hows, dict services,
+                 object rfc3339):
     """'[{...}, {...}]': each row (a tuple) as one JSON object. Key i's text, with its
-    separator, is prefixes[i] (the last item closes the object); its value is
-    row[columns[i]], or for a negative column special(row)[-column - 1] (special is
-    called once a row)."""
+    separator, is prefixes[i] (the last item closes the object); its value comes from
+    row[columns[i]], shown as hows[i] says (0: as it is; JSON_*); rfc3339 writes the rare
+    datetime this does not (a year before 1000)."""
     cdef Py_ssize_t i, n = len(columns)
     cdef list out = ["["]
     cdef bint first = True
-    cdef int *cols = <int *>malloc(n * sizeof(int) + 1)
-    cdef tuple row, extra
+    cdef int *cols = <int *>malloc(2 * n * sizeof(int) + 1)
+    cdef int *how
+    cdef tuple row
     if cols == NULL:
         raise MemoryError()
+    how = cols + n
     try:
         for i in range(n):
             cols[i] = columns[i]
+            how[i] = hows[i]
         for r in rows:
             row = <tuple>r
             if not first:
                 out.append(", ")
             first = False
-            extra = <tuple>special(row)
             for i in range(n):
                 out.append(<str>prefixes[i])
-                out.append(_json_value(row[cols[i]] if cols[i] >= 0 else extra[-cols[i] - 1]))
+                v = row[cols[i]]
+                if how[i] == 0:
+                    out.append(_json_value(v))
+                elif how[i] == _RFC3339:
+                    out.append(_rfc3339(v, rfc3339))
+                elif how[i] == _SERVICE:
+                    out.append(_json_value(services.get(v)))
+                else:  # _LIST
+                    out.append(_json_value(v) if v else "null")
             out.append(<str>prefixes[n])
     finally:
         free(cols)

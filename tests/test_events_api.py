@@ -309,8 +309,9 @@ def test_events_json_is_json_dumps_of_to_dict_for_every_kind_of_field():
     evs += [evs[0]._replace(destination_name="api.\u00e9xample.com",
                             destination_cname_chain=("a.example", "b\u2028.example"),
                             unit="x.service", container_id="c" * 64, ppid=1, exe="/usr/bin/\t"),
-            evs[1]._replace(destination_cname_chain=())]
-    assert len(evs) == 10
+            evs[1]._replace(destination_cname_chain=()),
+            evs[2]._replace(timestamp=dt.datetime(999, 1, 2, 3, 4, 5, 6, dt.timezone.utc))]
+    assert len(evs) == 11
     assert events_json(evs) == json.dumps([e.to_dict() for e in evs])
     assert events_json([]) == "[]"
 
