@@ -54,7 +54,7 @@ def test_short_connect_records_are_stored_with_a_zero_tail():
     """The cgroup hooks put an inet connect on the ring cut short after its address (8
     bytes of it for IPv4, 16 for IPv6): stored as the full record with the rest zero, even
     over a slot whose last record had a source; any other short record is malformed."""
-    addr_at = RECORD.size - _core.ADDR_LEN  # addr is the record's last field
+    addr_at = _core.RECORD_FIELDS["addr"][0]
     m = synthetic_monitor(1)
     m.inject(record(ip="10.0.0.1", src_ip="10.0.0.2", src_port=4242))  # fills the one slot
     m.inject(record(ip="10.1.2.3", port=53, pid=7, src_ip="10.0.0.9",
