@@ -38,6 +38,7 @@ import re
 import select
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from typing import Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
@@ -268,6 +269,12 @@ def read_process(pid: int, known: Optional[int] = None
 _READ_PROC = read_process
 
 
+def _close_fds(watched: dict) -> None:
+    for fd, _ in watched.values():
+        os.close(fd)
+    watched.clear()
+
+
 class _Proc(NamedTuple):
     lo_seq: int  # the first sequence number this entry covers
     start: Optional[int]  # clock ticks since boot; None: not known (exited before a sweep)
@@ -292,6 +299,7 @@ class Identity:
         self._exits = select.poll()  # the watched pidfds: readable once a process exits
         # until close(); pidfds speak of real processes: not with another read_process
         self._watching = read_process is _READ_PROC and hasattr(os, "pidfd_open")
+        weakref.finalize(self, _close_fds, self._watched)  # an Identity never closed
         self._by_handle = True  # until open_by_handle_at says EPERM
         self.swept_seq = 0  # every record up to this one has been swept
         self.counters = {"cgroups_evicted": 0, "processes_evicted": 0,
@@ -420,15 +428,16 @@ class Identity:
                 self._note(pid, ts, proc, lo_seq)
             self.swept_seq = max(self.swept_seq, hi_seq)
 
-    def still(self, pid: int, cgid: int, hi_seq: int) -> bool:
+    def still(self, pid: int, cgid: int, hi_seq: int, unswept: int = 0) -> bool:
         """If pid's process is the one its last entry names, watched and alive, and its
         cgroup known: records up to hi_seq of pid alone (the store's runs say so) are
-        swept with nothing to read."""
+        swept with nothing to read (`unswept` as for sweep())."""
         w = self._watched.get(pid)
         if not w or self._known_start(pid) != w[1] or cgid not in self._cgroups or \
                 self._exited():
             return False
         with self._lock:
+            self.counters["records_unswept"] += unswept
             self._procs.move_to_end(pid)
             self.swept_seq = max(self.swept_seq, hi_seq)
         return True

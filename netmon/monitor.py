@@ -359,15 +359,16 @@ class Monitor:
             c = self._store.counters()
             if c["last_seq"] <= last:
                 return
-            runs, self._swept_runs = self._swept_runs, c["runs"]
-            if runs == c["runs"] and self.identity.still(*c["tail"], c["last_seq"]):
-                return  # all newer records: the last one's process, alive all along
             oldest = c["last_seq"] - c["size"] + 1
+            unswept = max(0, oldest - 1 - last)
+            runs, self._swept_runs = self._swept_runs, c["runs"]
+            if runs == c["runs"] and self.identity.still(*c["tail"], c["last_seq"], unswept):
+                return  # all newer records: the last one's process, alive all along
             # one scan: each pid's newest record says its pid, time and cgroup (a process
             # moved between cgroups within one sweep is named lazily for the older one)
             rows, _, _ = self._store.latest_per_pid(1, after_seq=last)
             self.identity.sweep(last + 1, c["last_seq"], [(r[3], r[1]) for r in rows],
-                                {r[2] for r in rows}, max(0, oldest - 1 - last))
+                                {r[2] for r in rows}, unswept)
 
     def names_to_ids(self, names: dict) -> dict:
         """Workload and process filters -> the store's cgroups / procs filters: the ids of

@@ -131,6 +131,12 @@ def test_sweeps_of_one_process_runs_read_nothing_until_another_pid_comes():
         assert [(e.pid, e.ppid, e.exe) for e in mon.events()] == [
             (me[0], os.getppid(), me[1])] * 6 + [(other.pid, me[0], SLEEP),
                                                   (me[0], os.getppid(), me[1])]
+        for _ in range(64 + 5):  # the same run, past the store's 64: 5 never swept
+            mon.inject(record(pid=me[0]))
+        mon.sweep()
+        assert reads == [me[0], other.pid]
+        assert mon.identity.stats()["records_unswept"] == 5
+        assert {(e.ppid, e.exe) for e in mon.events()} == {(os.getppid(), me[1])}
     finally:
         other.kill()
         other.wait()
