@@ -955,7 +955,7 @@ def json_objects(rows, tuple prefixes, tuple columns, tuple hows, dict services,
     separator, is prefixes[i] (the last item closes the object); its value comes from
     row[columns[i]], shown as hows[i] says (0: as it is; JSON_*); rfc3339 writes the rare
     datetime this does not (a year before 1000)."""
-    cdef Py_ssize_t i, n = len(columns)
+    cdef Py_ssize_t i, n = len(columns), width = max(columns, default=-1) + 1
     cdef list out = ["["]
     cdef bint first = True
     cdef int *cols = <int *>malloc(2 * n * sizeof(int) + 1)
@@ -968,8 +968,14 @@ def json_objects(rows, tuple prefixes, tuple columns, tuple hows, dict services,
         for i in range(n):
             cols[i] = columns[i]
             how[i] = hows[i]
+            if cols[i] < 0:
+                raise ValueError("a column index is negative")
         for r in rows:
+            if not isinstance(r, tuple):  # an Event, with every column asked for
+                raise TypeError(f"a row is a {type(r).__name__}, not a tuple")
             row = <tuple>r
+            if len(row) < width:
+                raise ValueError(f"a row of {len(row)} items, {width} needed")
             if not first:
                 out.append(", ")
             first = False

@@ -268,6 +268,8 @@ _JSON_HOW = tuple(h for _, _, h in _JSON)
 
 
 def events_json(events) -> str:
-    """json.dumps([e.to_dict() for e in events]), the same text, ~4x as fast."""
+    """json.dumps([e.to_dict() for e in events]), the same text, ~5x as fast."""
     return _json_objects(events, _JSON_KEYS, _JSON_COLUMNS, _JSON_HOW, SERVICES, rfc3339)
+
+
 _NO_NAMES = (None,) * len(NAME_FIELDS)

@@ -26,7 +26,7 @@ class RawJSON(str):
 
 def json_answer(obj: dict) -> str:
     """The answer's JSON, as Bottle's json.dumps writes a dict, where a RawJSON value (at
-    any depth of dicts) is already JSON: lists of events come from events_json, ~3x as
+    any depth of dicts) is already JSON: lists of events come from events_json, ~5x as
     fast as json.dumps of their dicts. Sets the content type."""
     def text(v) -> str:
         if isinstance(v, RawJSON):
