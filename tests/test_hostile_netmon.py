@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from netmon.names import shown, visible
-from netmon.web.intake import HEAD_TIMEOUT, MAX_CONNECTIONS, MAX_PER_CLIENT
+from netmon.web.intake import ANSWER_TIMEOUT, HEAD_TIMEOUT, MAX_CONNECTIONS, MAX_PER_CLIENT
 
 TOKEN = "hostile-token-0123456789abcdef"
 HOST = b"Host: 127.0.0.1\r\n"
@@ -348,6 +348,7 @@ def _hold(addr, n, source):
 
 @pytest.mark.bpf
 def test_connections_are_capped_per_client_and_in_all(srv):
+    refused = request(srv.addr, "GET", "/api/stats")[1]["http"]["connections_refused"]
     held = _hold(srv.addr, MAX_PER_CLIENT, "127.0.0.2")
     try:
         answers, closed = exchange(srv.addr, HEALTH, source="127.0.0.2")
@@ -365,6 +366,8 @@ def test_connections_are_capped_per_client_and_in_all(srv):
     while not healthy(srv.addr):  # the closes are seen within a loop iteration
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    assert request(srv.addr, "GET", "/api/stats")[1]["http"]["connections_refused"] == \
+        refused + 2  # counted, as /metrics' netmon_http_connections_refused_total
 
 
 # ---- names: what answers show works as a filter; terminals and logs see no controls ----
@@ -580,6 +583,40 @@ def test_huge_answers_are_bounded_in_memory(cgroup):
         assert max(peaks) <= 64
         assert after <= 16  # what the answers allocated went back
     finally:
+        assert n.stop() == 0
+
+
+@pytest.mark.bpf
+def test_a_client_taking_its_answer_slowly_is_cut_off(cgroup):
+    """A 10,000-event answer (~8 MB) read 2 KB at a time, which would otherwise hold its
+    worker for as long as the trickle goes on: ANSWER_TIMEOUT after the worker began, the
+    connection is reset (never the whole answer), /health answered meanwhile, and the cut
+    is counted in /api/stats."""
+    n = Netmon("--backend", "syscall", "--cgroup", cgroup)
+    s = socket.socket()
+    try:
+        _connects_from_many_pids(10, 1100, cgroup)
+        _wait_for_size(n.addr, 11000)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(n.addr)
+        s.sendall(b"GET /api/events?limit=10000 HTTP/1.1\r\n" + HOST + b"\r\n")
+        t0, got, cut, health = time.monotonic(), 0, None, []
+        while cut is None and time.monotonic() - t0 < ANSWER_TIMEOUT + 10:
+            time.sleep(0.2)
+            if len(health) < 3:
+                health.append(request(n.addr, "GET", "/health", token=None)[0])
+            try:
+                data = s.recv(2048)
+            except ConnectionResetError:
+                data = b""
+            got += len(data)
+            if not data:
+                cut = time.monotonic() - t0
+        assert cut is not None and ANSWER_TIMEOUT - 1 <= cut <= ANSWER_TIMEOUT + 3, cut
+        assert got < 1_000_000 and health == [200] * 3
+        assert request(n.addr, "GET", "/api/stats", token=None)[1]["http"]["answers_cut"] == 1
+    finally:
+        s.close()
         assert n.stop() == 0
 
 

@@ -73,10 +73,13 @@ def test_attempt_table_overflows_into_other_without_losing_counts():
 
 
 def test_http_counters_come_from_server_stats():
-    app = make_app(synthetic_monitor(), server_stats=lambda: {"auth_failures": 7})
+    http = {"auth_failures": 7, "connections_refused": 2, "answers_cut": 1}
+    app = make_app(synthetic_monitor(), server_stats=lambda: dict(http))
     s = samples(scrape_app(app))
     assert s[("netmon_http_auth_failures_total", frozenset())] == 7
-    assert call(app, "GET", "/api/stats").body["http"] == {"auth_failures": 7}
+    assert s[("netmon_http_connections_refused_total", frozenset())] == 2
+    assert s[("netmon_http_answers_cut_total", frozenset())] == 1
+    assert call(app, "GET", "/api/stats").body["http"] == http
 
 
 def test_stats_reports_run_counts_only_when_the_kernel_counts(monkeypatch, tmp_path):

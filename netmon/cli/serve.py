@@ -148,14 +148,19 @@ def _build_exporter(args: argparse.Namespace, monitor: Monitor):
 def _build_server(args: argparse.Namespace, monitor: Monitor, guard: Guard,
                   exporter=None) -> Server:
     shutdown = threading.Event()  # Server.stop() sets it: open event streams end
-    guard.app = make_app(monitor, server_stats=guard.stats, shutdown=shutdown,
+    servers: list = []  # the server, once built: its counters join the guard's
+
+    def http_stats() -> dict:
+        return {**guard.stats(), **(servers[0].stats() if servers else {})}
+    guard.app = make_app(monitor, server_stats=http_stats, shutdown=shutdown,
                          exporter=exporter)
     host, port = args.addr
     try:
-        return Server(guard, host, port, shutdown=shutdown,
-                      tls=(args.tls_cert, args.tls_key) if args.tls_cert else None)
+        servers.append(Server(guard, host, port, shutdown=shutdown,
+                              tls=(args.tls_cert, args.tls_key) if args.tls_cert else None))
     except ServerError as e:
         raise Failure(str(e), EXIT_USAGE) from None
+    return servers[0]
 
 
 def _start_capture(monitor: Monitor, server: Server) -> None:

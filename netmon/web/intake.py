@@ -15,6 +15,12 @@ directly followed by its colon, a folded line) and the Host rules (one Host, req
 HTTP/1.1, a plain name or address) are refused with 400 (411 for a Transfer-Encoding
 alone), and every answer the server gives itself closes the connection without reading
 any further.
+
+Answers go out within a deadline too: a client that reads its answer a little at a time
+(each send waits up to the socket timeout, and a trickle resets it) would hold the worker
+for as long as it likes. An answer not written ANSWER_TIMEOUT seconds after its worker
+began has its connection cut (counted: answers_cut); event streams, which are meant to
+last, are bounded by their own cap instead.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import ctypes
 import re
 import socket
 import ssl
+import struct
 import threading
 import time
 from typing import Optional
@@ -35,6 +42,7 @@ from cheroot.makefile import MakeFile
 from .limits import MAX_BODY_BYTES, error_body, reason
 
 HEAD_TIMEOUT = 5.0  # seconds from a request's first byte (or the accept) to its last
+ANSWER_TIMEOUT = 10.0  # seconds from a worker taking a request to its answer's last byte
 MAX_CONNECTIONS = 512  # open connections in all; past it new ones get a 503 and are closed
 MAX_PER_CLIENT = 256  # open connections from one client address
 MAX_HEADER_BYTES = 16 * 1024
@@ -170,9 +178,13 @@ class Request(cheroot_server.HTTPRequest):
 
     def respond(self):
         written = self.conn.wfile.bytes_written
+        with self.server.answering_lock:  # see Connections._cut_slow_answers
+            self.server.answering[self.conn] = time.monotonic()
         try:
             super().respond()
         finally:
+            with self.server.answering_lock:
+                self.server.answering.pop(self.conn, None)
             self.server.streams.discard(self.conn)
             if self.conn.wfile.bytes_written - written > TRIM_AFTER_BYTES:
                 release_memory()
@@ -354,7 +366,8 @@ class Connections(cheroot_connections.ConnectionManager):
 
     def _expire(self, threshold):
         """Close what idled past the keep-alive timeout, or is slow to send a request: 408
-        if it sent part of one."""
+        if it sent part of one; cut what is slow to take its answer."""
+        self._cut_slow_answers()
         late = time.monotonic() - HEAD_TIMEOUT
         for fd, conn in [(fd, c) for fd, c in self._selector.connections
                          if c is not self.server and (
@@ -365,6 +378,20 @@ class Connections(cheroot_connections.ConnectionManager):
                 conn.send_now(response(408, f"the request was not complete within "
                                             f"{HEAD_TIMEOUT:g} s"))
             conn.close()
+
+    def _cut_slow_answers(self) -> None:
+        """A worker still writing an answer (not an event stream) ANSWER_TIMEOUT seconds
+        after it began: its client reads too slowly, or not at all. Shut the socket: the
+        blocked send fails at once and the worker is free."""
+        server, late = self.server, time.monotonic() - ANSWER_TIMEOUT
+        with server.answering_lock:  # a worker may be done, and on its next answer
+            slow = [c for c, since in server.answering.items()
+                    if since < late and c not in server.streams]
+            for conn in slow:
+                del server.answering[conn]
+        for conn in slow:
+            server.answers_cut += 1
+            force_close(conn)
 
 
 class Admission:
@@ -402,10 +429,13 @@ class Admission:
 def force_close(conn) -> None:
     """Wake a worker blocked writing to a client that stopped reading: shut the socket
     both ways (cheroot's own force-close shuts reading only, which leaves a blocked send
-    waiting out the socket timeout)."""
+    waiting out the socket timeout), and have its close reset the connection rather than
+    leave the kernel trickling out megabytes still queued to that client."""
     if conn is None:
         return
-    try:
-        socket.socket.shutdown(conn.socket, socket.SHUT_RDWR)  # under TLS too: the fd
+    try:  # under TLS too: the fd
+        socket.socket.setsockopt(conn.socket, socket.SOL_SOCKET, socket.SO_LINGER,
+                                 struct.pack("ii", 1, 0))
+        socket.socket.shutdown(conn.socket, socket.SHUT_RDWR)
     except (OSError, TypeError):
         pass

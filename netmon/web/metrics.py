@@ -101,6 +101,14 @@ class _Collector:
             yield CounterMetricFamily("netmon_http_host_rejected", "requests refused for a "
                                       "Host that is not a loopback name (DNS rebinding)",
                                       value=http["host_rejected"])
+        if "connections_refused" in http:
+            yield CounterMetricFamily("netmon_http_connections_refused", "connections refused "
+                                      "at the per-client or total cap (503)",
+                                      value=http["connections_refused"])
+        if "answers_cut" in http:
+            yield CounterMetricFamily("netmon_http_answers_cut", "answers whose client did not "
+                                      "take them in time: the connection was reset",
+                                      value=http["answers_cut"])
 
 
 FAILING_TOP, FAILING_WINDOW, FAILING_AMONG = 10, 300, 1000

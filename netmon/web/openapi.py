@@ -369,6 +369,7 @@ SPEC = {
                            "{reason}, netmon_store_events, netmon_store_capacity, "
                            "netmon_poll_lag_seconds, netmon_build_info{version,"
                            "libbpf_version,backend}, netmon_http_auth_failures_total, "
+                           "netmon_http_{host_rejected,connections_refused,answers_cut}_total, "
                            "netmon_tcp_accepts_total{result}: accepted, closed_port, "
                            "listen_drops; with "
                            "--dns-names netmon_dns_{packets,responses,answers,evictions,"

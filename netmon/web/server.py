@@ -52,9 +52,13 @@ class _WSGIServer(wsgi.Server):
         super().__init__(*args, **kwargs)
         intake.map_large_blocks()
         self.streams: set = set()  # connections answering with an event stream
+        self.answering: dict = {}  # connection -> monotonic time its worker took it
+        self.answering_lock = threading.Lock()
+        self.answers_cut = 0  # answers not taken within intake.ANSWER_TIMEOUT
         self._admission = intake.Admission()
         self.admit = self._admission.admit
         self.connections_closed = self._admission.connections_closed
+        self.connections_refused = lambda: self._admission.refused
 
     def bind(self, family, type, proto=0):
         try:
@@ -151,6 +155,12 @@ class Server:
             self._httpd.prepare()
         except OSError:
             raise _bind_error(host, port, self._httpd.bind_error) from None
+
+    def stats(self) -> dict:
+        """The HTTP layer's own counters: connections refused at the caps (503), answers
+        cut because the client did not take them within intake.ANSWER_TIMEOUT."""
+        return {"connections_refused": self._httpd.connections_refused(),
+                "answers_cut": self._httpd.answers_cut}
 
     @property
     def address(self) -> Tuple[str, int]:
