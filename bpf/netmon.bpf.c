@@ -666,7 +666,7 @@ struct {
 } dns_scratch SEC(".maps");
 
 static __always_inline int dns_to_user(struct __sk_buff *skb, __u32 off, __u16 family,
-				       __u16 protocol)
+				       __u16 protocol, __u32 seq)
 {
 	struct sk_buff *kskb = bpf_cast_to_kern_ctx(skb);
 	struct dns_scratch *s = bpf_map_lookup_elem(&dns_scratch, &(__u32){0});
@@ -679,7 +679,8 @@ static __always_inline int dns_to_user(struct __sk_buff *skb, __u32 off, __u16 f
 	s->h.len = skb->len - off;
 	s->h.family = family;
 	s->h.protocol = protocol;
-	s->h.pad = 0;
+	s->h.seq = seq;
+	s->h.sock_id = (__u64)BPF_CORE_READ(kskb, sk);
 	n = s->h.len > NETMON_DNS_MAX ? NETMON_DNS_MAX : s->h.len;
 	asm volatile("%0 &= 0x1fff" : "+r"(n)); /* see netmon_connect_enter */
 	if (n == 0 || bpf_skb_load_bytes(skb, off, s->data, n) < 0)
@@ -720,8 +721,10 @@ int netmon_dns_ingress(struct __sk_buff *skb)
 	if (*(__u16 *)l4 != DNS_PORT_BE) /* the source port */
 		return 1;
 	if (proto == IPPROTO_UDP)
-		return dns_to_user(skb, hlen + 8, family, proto);
+		return dns_to_user(skb, hlen + 8, family, proto, 0);
 	if ((void *)(l4 + 13) > end) /* TCP's data offset */
 		return 1;
-	return dns_to_user(skb, hlen + (l4[12] >> 4) * 4, family, proto);
+	/* the sequence number: user space puts an answer split across segments together */
+	return dns_to_user(skb, hlen + (l4[12] >> 4) * 4, family, proto,
+			   bpf_ntohl(*(__u32 *)(l4 + 4)));
 }

@@ -164,9 +164,10 @@ struct netmon_dns {
 	__u32 len;       /* payload bytes in the packet (more than follow: cut at NETMON_DNS_MAX) */
 	__u16 family;    /* AF_INET / AF_INET6 of the packet */
 	__u16 protocol;  /* IPPROTO_UDP=17 or IPPROTO_TCP=6 */
-	__u32 pad;
+	__u32 seq;       /* TCP: the segment's sequence number (host order); UDP: 0 */
+	__u64 sock_id;   /* the receiving socket (kernel address): a TCP stream's identity */
 };
 
-_Static_assert(sizeof(struct netmon_dns) == 24, "netmon_dns must be 24 bytes");
+_Static_assert(sizeof(struct netmon_dns) == 32, "netmon_dns must be 32 bytes");
 
 #endif

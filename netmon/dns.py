@@ -15,7 +15,7 @@ import socket
 import struct
 import threading
 from collections import OrderedDict
-from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from . import _core
 
@@ -28,7 +28,9 @@ MAX_CHAIN = 16  # CNAMEs followed from the question's name
 DEFAULT_CAPACITY = 65536  # (net_ns, IP) keys
 DEFAULT_FLOOR_SECONDS = 300  # an answer names its addresses for at least this long
 HISTORY = 8  # answers kept per (net_ns, IP): earlier ones are dropped, counted
-_HEADER = struct.Struct("=QIIHHI")  # struct netmon_dns (bpf/netmon.h)
+MAX_TCP_STREAMS = 256  # DNS-over-TCP connections followed at once (LRU; 64 KiB each at most)
+TCP_STREAM_IDLE_NS = 30 * 1_000_000_000  # a stream silent this long is forgotten
+_HEADER = struct.Struct("=QIIHHIQ")  # struct netmon_dns (bpf/netmon.h)
 _WINDOW = struct.Struct("=IHH16sQQII")  # struct nm_name_window (ext/store.h)
 assert _HEADER.size == _core.DNS_HEADER_SIZE and _WINDOW.size == _core.NAME_WINDOW_SIZE
 _V4MAPPED = b"\0" * 10 + b"\xff\xff"
@@ -169,23 +171,57 @@ def _follow(qname: str, cnames: Dict[str, Tuple[str, int]],
             for owner, fam, addr, attl in addrs if owner == name]
 
 
-def payload_messages(protocol: int, payload: bytes) -> Iterator[bytes]:
-    """The DNS messages in one received payload: a UDP datagram is one; a TCP segment
-    holds messages each behind a 2-byte length (RFC 1035 4.2.2). A segment that does not
-    hold whole messages (an answer split across segments) raises DNSError: netmon does not
-    reassemble TCP streams."""
-    if protocol != IPPROTO_TCP:
-        yield payload
-        return
-    pos = 0
-    while pos < len(payload):
-        if pos + 2 > len(payload):
-            raise DNSError("TCP segment does not hold a whole message")
-        n = payload[pos] << 8 | payload[pos + 1]
-        if pos + 2 + n > len(payload):
-            raise DNSError("TCP segment does not hold a whole message")
-        yield payload[pos + 2:pos + 2 + n]
-        pos += 2 + n
+class TCPStreams:
+    """DNS over TCP (RFC 1035 4.2.2, RFC 7766): each message behind a 2-byte length, and a
+    message may span segments (some servers even write the length on its own). Per
+    receiving socket: the sequence number expected next and the bytes of a message not yet
+    whole. Segments come as the socket receives them, before TCP puts them in order: a
+    retransmitted one is trimmed to what is new; after a gap (a segment lost or reordered)
+    what was buffered is dropped (counted: tcp_gaps) and the stream starts over at the new
+    segment, which a new connection reusing a socket's address also does (with nothing
+    buffered: not a gap). Bounded: MAX_TCP_STREAMS streams, the least recently active
+    forgotten first (counted: tcp_streams_evicted)."""
+
+    def __init__(self, counters: dict):
+        self._streams: "OrderedDict[int, Tuple[int, bytes, int]]" = OrderedDict()
+        self.counters = counters
+
+    def messages(self, sock_id: int, seq: int, payload: bytes, ts_ns: int) -> List[bytes]:
+        """The messages this segment completes, in order."""
+        end = (seq + len(payload)) & 0xFFFFFFFF
+        nxt, buf, last = self._streams.pop(sock_id, (seq, b"", ts_ns))
+        if ts_ns - last > TCP_STREAM_IDLE_NS:
+            nxt, buf = seq, b""
+        behind = (nxt - seq) & 0xFFFFFFFF
+        if seq != nxt and behind < 1 << 31:  # (partly) sent before: keep what is new
+            if behind >= len(payload):
+                self._keep(sock_id, nxt, buf, ts_ns)
+                return []
+            payload = payload[behind:]
+        elif seq != nxt:  # a gap: what was buffered cannot be completed
+            if buf:
+                self.counters["tcp_gaps"] += 1
+            buf = b""
+        buf += payload
+        out, pos = [], 0
+        while len(buf) - pos >= 2:
+            n = buf[pos] << 8 | buf[pos + 1]
+            if len(buf) - pos - 2 < n:
+                break
+            out.append(buf[pos + 2:pos + 2 + n])
+            pos += 2 + n
+        self._keep(sock_id, end, buf[pos:], ts_ns)
+        return out
+
+    def forget(self, sock_id: int) -> None:
+        """The stream cannot be followed (a segment the kernel did not copy whole)."""
+        self._streams.pop(sock_id, None)
+
+    def _keep(self, sock_id: int, nxt: int, buf: bytes, ts_ns: int) -> None:
+        self._streams[sock_id] = (nxt, buf, ts_ns)
+        if len(self._streams) > MAX_TCP_STREAMS:
+            self._streams.popitem(last=False)
+            self.counters["tcp_streams_evicted"] += 1
 
 
 class Learned(NamedTuple):
@@ -229,27 +265,35 @@ class NameCache:
         self._tables: Dict[Optional[str], Tuple[bytes, Dict[int, str]]] = {}  # by version
         self.version = 0
         self.counters = {"packets": 0, "responses": 0, "answers": 0, "evictions": 0,
-                         "superseded_dropped": 0, "parse_failures": 0, "truncated": 0}
+                         "superseded_dropped": 0, "parse_failures": 0, "truncated": 0,
+                         "tcp_gaps": 0, "tcp_streams_evicted": 0}
+        self._tcp = TCPStreams(self.counters)
 
     # ---- learning (the DNS reader thread) ----
 
     def feed(self, record: bytes) -> None:
-        """One record from the kernel: a struct netmon_dns header and its payload."""
-        ts_ns, net_ns, length, _, protocol, _ = _HEADER.unpack_from(record)
+        """One record from the kernel: a struct netmon_dns header and its payload (a UDP
+        datagram: one message; a TCP segment: what it adds to its stream)."""
+        ts_ns, net_ns, length, _, protocol, seq, sock_id = _HEADER.unpack_from(record)
         payload = record[_HEADER.size:]
         c = self.counters
         c["packets"] += 1
         if length > len(payload):  # longer than the kernel copies: not parsed
             c["truncated"] += 1
+            if protocol == IPPROTO_TCP:
+                self._tcp.forget(sock_id)
             return
-        try:
-            answers = [a for m in payload_messages(protocol, payload) for a in parse_response(m)]
+        messages = (self._tcp.messages(sock_id, seq, payload, ts_ns)
+                    if protocol == IPPROTO_TCP else [payload])
+        for m in messages:
+            try:
+                answers = parse_response(m)
+            except DNSError:
+                c["parse_failures"] += 1
+                continue
             c["responses"] += 1
-        except DNSError:
-            c["parse_failures"] += 1
-            return
-        for a in answers:
-            self.learn(ts_ns, net_ns, a)
+            for a in answers:
+                self.learn(ts_ns, net_ns, a)
 
     def learn(self, ts_ns: int, net_ns: int, a: Answer) -> None:
         until = ts_ns + max(a.ttl * 1_000_000_000, self.floor_ns)

@@ -5,6 +5,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 
 import dns.message
 import dns.rcode
@@ -60,8 +61,16 @@ class Server:
                 return
             with conn:
                 n = struct.unpack("!H", conn.recv(2, socket.MSG_WAITALL))[0]
-                out = self.answer(conn.recv(n, socket.MSG_WAITALL))
-                conn.sendall(struct.pack("!H", len(out)) + out)  # one segment
+                wire = conn.recv(n, socket.MSG_WAITALL)
+                out = struct.pack("!H", len(wire := self.answer(wire))) + wire
+                if dns.message.from_wire(wire).question[0].name.labels[0] != b"split":
+                    conn.sendall(out)  # one segment
+                    continue
+                # as some servers write: the length on its own, then the message in parts
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                for part in (out[:2], out[2:20], out[20:]):
+                    conn.sendall(part)
+                    time.sleep(0.02)  # each its own segment
 
     def close(self):
         for s in (self.udp, self.tcp):

@@ -37,6 +37,7 @@ ZONE = {
     "a.two.test": [("A", 1, IPS["two"])],  # below the floor: still names for minutes
     "b.two.test": [("A", 7200, IPS["two"])],
     "host.ns.test": [("A", 60, IPS["ns"])],
+    "split.shop.test": [("CNAME", 60, "e1.cdn.test.")],  # answered in 3 TCP segments
 }
 
 
@@ -112,6 +113,25 @@ def test_dig_over_tcp_with_edns_names_an_ipv6_connect(server, mon):
     after = mon.stats()["dns"]
     assert after["responses"] > before["responses"]
     assert after["parse_failures"] == before["parse_failures"]
+
+
+def test_a_tcp_answer_split_across_segments_names_the_connect(server, mon):
+    """The server writes the length alone, then the message in two parts, each its own
+    segment: netmon puts the stream together (one response, no parse failure)."""
+    before = mon.stats()["dns"]
+    out = subprocess.run(["dig", f"@{SERVER}", "+tcp", "+short", "+tries=1", "+time=2",
+                          "split.shop.test"], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["e1.cdn.test.", IPS["chain"]]
+    with listener(IPS["chain"]) as lst:
+        connect(IPS["chain"], lst.getsockname()[1])
+        ev = only(lambda: mon.events(dest=IPS["chain"], port=lst.getsockname()[1]))
+    assert (ev.destination_name, ev.destination_cname_chain) == (
+        "split.shop.test", ("e1.cdn.test",))
+    after = mon.stats()["dns"]
+    assert (after["packets"] - before["packets"], after["responses"] - before["responses"],
+            after["parse_failures"], after["tcp_gaps"]) == (
+        3, 1, before["parse_failures"], before["tcp_gaps"])
 
 
 def test_two_names_for_one_ip_newest_wins_both_findable(server, mon):

@@ -12,7 +12,7 @@ import dns.rrset
 import pytest
 
 from netmon import _core
-from netmon.dns import Answer, DNSError, NameCache, parse_response, payload_messages
+from netmon.dns import Answer, DNSError, NameCache, parse_response
 from netmon.filters import FilterError, compile_filter
 from netmon.monitor import Monitor
 from netmon.testing import CLOCK_SHIFT_NS, record
@@ -127,17 +127,52 @@ def test_random_corruption_never_crashes_or_stalls():
     assert worst < 1.0
 
 
-def test_tcp_segments_hold_length_prefixed_messages():
-    two = struct.pack("!H", len(CHAIN)) + CHAIN + struct.pack("!H", len(CHAIN)) + CHAIN
-    assert list(payload_messages(6, two)) == [CHAIN, CHAIN]
-    with pytest.raises(DNSError):
-        list(payload_messages(6, two[:-1]))
-    assert list(payload_messages(17, CHAIN)) == [CHAIN]
+def dns_record(payload, ts_ns, net_ns=NS, protocol=17, length=None, seq=0, sock=0):
+    return struct.pack("=QIIHHIQ", ts_ns, net_ns, len(payload) if length is None else length,
+                       2, protocol, seq, sock) + payload
 
 
-def dns_record(payload, ts_ns, net_ns=NS, protocol=17, length=None):
-    return struct.pack("=QIIHHI", ts_ns, net_ns, len(payload) if length is None else length,
-                       2, protocol, 0) + payload
+def tcp_stream(*messages):
+    return b"".join(struct.pack("!H", len(m)) + m for m in messages)
+
+
+def test_tcp_answers_split_across_segments_are_put_together():
+    """The length alone, a message cut anywhere, two in one segment, a retransmission,
+    sequence numbers wrapping, two connections interleaved: every answer learned once."""
+    c = NameCache(floor_seconds=60)
+    now = _core.boot_ns()
+    other = a_answer("other.test", "192.0.2.99", 30)
+    wire = tcp_stream(CHAIN, other, CHAIN)
+    seq0 = 2**32 - 7  # wraps inside the second segment
+    cuts = [0, 2, 40, len(CHAIN) + 5, len(wire) - 3, len(wire)]
+    segments = [(seq0 + a & 0xFFFFFFFF, wire[a:b]) for a, b in zip(cuts, cuts[1:])]
+    interleaved = tcp_stream(other)
+    for i, (seq, part) in enumerate(segments):
+        c.feed(dns_record(part, now, protocol=6, seq=seq, sock=11))
+        if i == 1:  # a retransmission of what came already, and another connection
+            c.feed(dns_record(part, now, protocol=6, seq=seq, sock=11))
+            c.feed(dns_record(interleaved[:3], now, protocol=6, seq=500, sock=12))
+            c.feed(dns_record(interleaved[3:], now, protocol=6, seq=503, sock=12))
+    s = c.stats()
+    assert (s["packets"], s["responses"], s["parse_failures"], s["tcp_gaps"]) == (8, 4, 0, 0)
+    assert c.lookup(NS, socket.AF_INET, socket.inet_aton("192.0.2.7"), now + 1).name == \
+        "www.shop.test"
+    assert c.lookup(NS, socket.AF_INET, socket.inet_aton("192.0.2.99"), now + 1).name == \
+        "other.test"
+
+
+def test_a_tcp_gap_drops_the_partial_message_and_is_counted():
+    c = NameCache(floor_seconds=60)
+    now = _core.boot_ns()
+    wire = tcp_stream(CHAIN)
+    c.feed(dns_record(wire[:20], now, protocol=6, seq=100, sock=5))
+    c.feed(dns_record(wire[30:], now, protocol=6, seq=130, sock=5))  # 10 bytes never came
+    assert (c.stats()["tcp_gaps"], c.stats()["responses"]) == (1, 0)
+    c.feed(dns_record(wire, now, protocol=6, seq=1, sock=6))
+    c.feed(dns_record(wire, now, protocol=6, seq=7000, sock=6))  # a new connection, same sk
+    assert (c.stats()["tcp_gaps"], c.stats()["responses"]) == (1, 2)  # nothing was lost
+    c.feed(dns_record(wire, now, protocol=6, seq=1, sock=7, length=5000))  # not copied whole
+    assert c.stats()["truncated"] == 1
 
 
 def a_answer(name, ip, ttl):

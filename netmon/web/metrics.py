@@ -208,8 +208,10 @@ def _dns_metrics(dns: dict) -> Iterator[Metric]:
             ("responses", "well-formed DNS responses parsed"),
             ("answers", "addresses learned from DNS answers"),
             ("evictions", "(net_ns, IP) names evicted from the full name cache"),
-            ("parse_failures", "payloads from port 53 that were not a well-formed DNS "
-                               "response (or a TCP segment without whole messages)"),
+            ("parse_failures", "DNS messages from port 53 that were not a well-formed "
+                               "response"),
+            ("tcp_gaps", "partial DNS-over-TCP answers dropped at a lost or reordered "
+                         "segment"),
             ("truncated", "DNS payloads longer than the kernel copies, not parsed"),
             ("dropped", "DNS payloads the kernel could not pass (its ring was full)")):
         yield CounterMetricFamily(f"netmon_dns_{key}", help_text, value=dns[key])

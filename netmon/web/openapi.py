@@ -123,7 +123,8 @@ STATS = _obj(
          "(--dns-names): payloads from port 53 the kernel passed (packets), responses "
          "parsed, addresses learned (answers), (net_ns, IP) keys cached (names_cached), "
          "evictions from the full cache, parse_failures, truncated (too long to copy), "
-         "dropped (the kernel's DNS ring was full)",
+         "dropped (the kernel's DNS ring was full), tcp_gaps (partial TCP answers dropped at "
+         "a lost segment), tcp_streams_evicted",
          "properties": {"enabled": {"type": "boolean"}},
          "additionalProperties": INT},
     programs={"type": "object", "additionalProperties": _obj(
@@ -373,7 +374,8 @@ SPEC = {
                            "netmon_tcp_accepts_total{result}: accepted, closed_port, "
                            "listen_drops; with "
                            "--dns-names netmon_dns_{packets,responses,answers,evictions,"
-                           "parse_failures,truncated,dropped}_total, netmon_dns_names_cached",
+                           "parse_failures,truncated,dropped,tcp_gaps}_total, "
+                           "netmon_dns_names_cached",
             "responses": {"200": {"description": "text format 0.0.4",
                                   "content": {"text/plain": {"schema": STR}}}}}},
         "/openapi.json": {"get": {"summary": "This document", "operationId": "openapi",
