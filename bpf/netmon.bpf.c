@@ -680,7 +680,7 @@ static __always_inline int dns_to_user(struct __sk_buff *skb, __u32 off, __u16 f
 	s->h.family = family;
 	s->h.protocol = protocol;
 	s->h.seq = seq;
-	s->h.sock_id = (__u64)BPF_CORE_READ(kskb, sk);
+	s->h.cookie = bpf_get_socket_cookie(skb);
 	n = s->h.len > NETMON_DNS_MAX ? NETMON_DNS_MAX : s->h.len;
 	asm volatile("%0 &= 0x1fff" : "+r"(n)); /* see netmon_connect_enter */
 	if (n == 0 || bpf_skb_load_bytes(skb, off, s->data, n) < 0)

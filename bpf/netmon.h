@@ -165,7 +165,8 @@ struct netmon_dns {
 	__u16 family;    /* AF_INET / AF_INET6 of the packet */
 	__u16 protocol;  /* IPPROTO_UDP=17 or IPPROTO_TCP=6 */
 	__u32 seq;       /* TCP: the segment's sequence number (host order); UDP: 0 */
-	__u64 sock_id;   /* the receiving socket (kernel address): a TCP stream's identity */
+	__u64 cookie;    /* the receiving socket's cookie: a TCP stream's identity, never
+			    reused (a socket's address is, by the next connection) */
 };
 
 _Static_assert(sizeof(struct netmon_dns) == 32, "netmon_dns must be 32 bytes");

@@ -175,27 +175,28 @@ class TCPStreams:
     """DNS over TCP (RFC 1035 4.2.2, RFC 7766): each message behind a 2-byte length, and a
     message may span segments (some servers even write the length on its own). Per
     receiving socket: the sequence number expected next and the bytes of a message not yet
-    whole. Segments come as the socket receives them, before TCP puts them in order: a
+    whole, keyed by the socket's cookie (never reused, unlike its address: a new
+    connection's random first sequence number would pass for a retransmission half the
+    time). Segments come as the socket receives them, before TCP puts them in order: a
     retransmitted one is trimmed to what is new; after a gap (a segment lost or reordered)
     what was buffered is dropped (counted: tcp_gaps) and the stream starts over at the new
-    segment, which a new connection reusing a socket's address also does (with nothing
-    buffered: not a gap). Bounded: MAX_TCP_STREAMS streams, the least recently active
-    forgotten first (counted: tcp_streams_evicted)."""
+    segment. Bounded: MAX_TCP_STREAMS streams, the least recently active forgotten first
+    (counted: tcp_streams_evicted)."""
 
     def __init__(self, counters: dict):
         self._streams: "OrderedDict[int, Tuple[int, bytes, int]]" = OrderedDict()
         self.counters = counters
 
-    def messages(self, sock_id: int, seq: int, payload: bytes, ts_ns: int) -> List[bytes]:
+    def messages(self, cookie: int, seq: int, payload: bytes, ts_ns: int) -> List[bytes]:
         """The messages this segment completes, in order."""
         end = (seq + len(payload)) & 0xFFFFFFFF
-        nxt, buf, last = self._streams.pop(sock_id, (seq, b"", ts_ns))
+        nxt, buf, last = self._streams.pop(cookie, (seq, b"", ts_ns))
         if ts_ns - last > TCP_STREAM_IDLE_NS:
             nxt, buf = seq, b""
         behind = (nxt - seq) & 0xFFFFFFFF
         if seq != nxt and behind < 1 << 31:  # (partly) sent before: keep what is new
             if behind >= len(payload):
-                self._keep(sock_id, nxt, buf, ts_ns)
+                self._keep(cookie, nxt, buf, ts_ns)
                 return []
             payload = payload[behind:]
         elif seq != nxt:  # a gap: what was buffered cannot be completed
@@ -210,15 +211,15 @@ class TCPStreams:
                 break
             out.append(buf[pos + 2:pos + 2 + n])
             pos += 2 + n
-        self._keep(sock_id, end, buf[pos:], ts_ns)
+        self._keep(cookie, end, buf[pos:], ts_ns)
         return out
 
-    def forget(self, sock_id: int) -> None:
+    def forget(self, cookie: int) -> None:
         """The stream cannot be followed (a segment the kernel did not copy whole)."""
-        self._streams.pop(sock_id, None)
+        self._streams.pop(cookie, None)
 
-    def _keep(self, sock_id: int, nxt: int, buf: bytes, ts_ns: int) -> None:
-        self._streams[sock_id] = (nxt, buf, ts_ns)
+    def _keep(self, cookie: int, nxt: int, buf: bytes, ts_ns: int) -> None:
+        self._streams[cookie] = (nxt, buf, ts_ns)
         if len(self._streams) > MAX_TCP_STREAMS:
             self._streams.popitem(last=False)
             self.counters["tcp_streams_evicted"] += 1
@@ -274,16 +275,16 @@ class NameCache:
     def feed(self, record: bytes) -> None:
         """One record from the kernel: a struct netmon_dns header and its payload (a UDP
         datagram: one message; a TCP segment: what it adds to its stream)."""
-        ts_ns, net_ns, length, _, protocol, seq, sock_id = _HEADER.unpack_from(record)
+        ts_ns, net_ns, length, _, protocol, seq, cookie = _HEADER.unpack_from(record)
         payload = record[_HEADER.size:]
         c = self.counters
         c["packets"] += 1
         if length > len(payload):  # longer than the kernel copies: not parsed
             c["truncated"] += 1
             if protocol == IPPROTO_TCP:
-                self._tcp.forget(sock_id)
+                self._tcp.forget(cookie)
             return
-        messages = (self._tcp.messages(sock_id, seq, payload, ts_ns)
+        messages = (self._tcp.messages(cookie, seq, payload, ts_ns)
                     if protocol == IPPROTO_TCP else [payload])
         for m in messages:
             try:

@@ -169,7 +169,7 @@ def test_a_tcp_gap_drops_the_partial_message_and_is_counted():
     c.feed(dns_record(wire[30:], now, protocol=6, seq=130, sock=5))  # 10 bytes never came
     assert (c.stats()["tcp_gaps"], c.stats()["responses"]) == (1, 0)
     c.feed(dns_record(wire, now, protocol=6, seq=1, sock=6))
-    c.feed(dns_record(wire, now, protocol=6, seq=7000, sock=6))  # a new connection, same sk
+    c.feed(dns_record(wire, now, protocol=6, seq=7000, sock=6))  # restarts, nothing lost
     assert (c.stats()["tcp_gaps"], c.stats()["responses"]) == (1, 2)  # nothing was lost
     c.feed(dns_record(wire, now, protocol=6, seq=1, sock=7, length=5000))  # not copied whole
     assert c.stats()["truncated"] == 1
