@@ -1819,13 +1819,8 @@ static int top_cached(struct nm_store *s, const struct nm_filter *f, int by, int
 	}
 	c->scratch = d.t;
 	if (top_cache_bytes(c) > s->roll.max_bytes / 4) { /* bounded: not kept */
-		top_cache_reset(c, 0);
-		c->valid = 0;
-		gtab_free(&c->scratch);
-		memset(&c->scratch, 0, sizeof(c->scratch));
-		free(c->all);
-		c->all = NULL;
-		c->all_cap = 0;
+		top_cache_free(c);
+		s->top_cache[k] = NULL;
 	}
 	pthread_mutex_unlock(&s->top_cache_lock);
 	return err;
